@@ -1,0 +1,1 @@
+//! Memory-tier controller (vublk-tier).
