@@ -1,0 +1,9 @@
+//! The vhost-user control plane: the request handler of our virtio-blk
+//! device (`backend`) and the socket server that accepts one frontend at a
+//! time and keeps listening after it goes away (`server`).
+
+pub mod backend;
+pub mod server;
+
+pub use backend::BlkBackend;
+pub use server::Server;
