@@ -17,12 +17,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::uring::{Uring, PUNCH_HOLE, ZERO_RANGE};
 use crate::storage::{Disk, DiskKind};
-use crate::virtio::request::{Limits, Op, Parser, Request};
+use crate::virtio::request::{DescTable, Limits, Op, Parser, Request};
 use crate::virtio::Status;
 
 const KICK: u64 = u64::MAX;
@@ -223,6 +223,7 @@ struct Worker {
     ctx: Arc<DiskContext>,
     stop: EventFd,
     limits: Limits,
+    table: DescTable,
     parser: Parser,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -253,6 +254,10 @@ impl Worker {
         };
         let geometry = *ctx.disk.geometry();
         let zeroes = vec![0u8; ZERO_BUF + BOUNCE_ALIGN];
+        let table = DescTable {
+            addr: GuestAddress(setup.queue.desc_table()),
+            size: setup.queue.size(),
+        };
         Ok(Worker {
             ring,
             index: setup.index,
@@ -266,6 +271,7 @@ impl Worker {
                 read_only: ctx.disk.read_only(),
                 max_descriptors: size,
             },
+            table,
             ctx,
             stop,
             parser: Parser::default(),
@@ -384,8 +390,11 @@ impl Worker {
                 break;
             };
             any = true;
+            let head = chain.head_index();
             let iovecs = self.iovec_pool.pop().unwrap_or_default();
-            let req = self.parser.parse(chain, mem, &self.limits, iovecs);
+            let req = self
+                .parser
+                .parse(self.table, head, mem, &self.limits, iovecs);
             self.start(req, mem);
         }
         any

@@ -7,23 +7,23 @@
 //! and bounds-checked here; the engines only ever see host iovecs that lie
 //! inside guest memory that the request keeps mapped.
 
-use std::ops::Deref;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{Status, MAX_DISCARD_SECTORS, MAX_REQUEST_BYTES, MAX_WRITE_ZEROES_SECTORS};
 use crate::storage::SECTOR_SIZE;
 
 const HEADER_LEN: u64 = 16;
+const DESC_LEN: u64 = 16;
 const SEGMENT_LEN: u64 = 16;
 const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("descriptor chain is malformed (loop, bad next index or bad indirect table)")]
+    #[error("descriptor chain is malformed (bad next index or bad indirect table)")]
     MalformedChain,
     #[error("device-readable descriptor after a device-writable one")]
     WrongOrder,
@@ -80,6 +80,44 @@ pub enum Op {
     GetId { len: u64 },
     Discard { offset: u64, len: u64 },
     WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+/// Where a queue's descriptor table is and how many entries it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescTable {
+    pub addr: GuestAddress,
+    pub size: u16,
+}
+
+/// A split-ring descriptor as the driver wrote it (little-endian).
+struct RawDesc {
+    addr: u64,
+    len: u32,
+    flags: u32,
+    next: u16,
+}
+
+fn read_desc(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    index: u16,
+) -> Result<RawDesc, RequestError> {
+    let addr = table
+        .0
+        .checked_add(u64::from(index) * DESC_LEN)
+        .ok_or(RequestError::BadAddress(
+            table.0,
+            u64::from(index) * DESC_LEN,
+        ))?;
+    let mut b = [0u8; DESC_LEN as usize];
+    mem.read_slice(&mut b, GuestAddress(addr))
+        .map_err(|_| RequestError::BadAddress(addr, DESC_LEN))?;
+    Ok(RawDesc {
+        addr: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+        len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+        flags: u32::from(u16::from_le_bytes([b[12], b[13]])),
+        next: u16::from_le_bytes([b[14], b[15]]),
+    })
 }
 
 /// Where the status byte of a request lives in guest memory.
@@ -189,18 +227,14 @@ pub struct Parser {
 impl Parser {
     /// Parses one chain. Never fails as a whole: a bad request comes back
     /// with `op` set to the error, and with the status byte if it has one.
-    pub fn parse<M>(
+    pub fn parse(
         &mut self,
-        chain: DescriptorChain<M>,
+        table: DescTable,
+        head: u16,
         mem: &Arc<GuestMemoryMmap>,
         limits: &Limits,
         iovecs: Vec<libc::iovec>,
-    ) -> Request
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
-        let head = chain.head_index();
+    ) -> Request {
         let mut req = Request {
             head,
             op: Err(RequestError::NoStatus),
@@ -210,7 +244,7 @@ impl Parser {
         };
         req.iovecs.clear();
         self.segs.clear();
-        let walked = self.collect(chain, limits.max_descriptors);
+        let walked = self.walk(mem, table, head, limits.max_descriptors);
         // Locate the status byte first: even a bad request gets its error
         // status written when the chain has a place for it.
         let writable: u64 = self.stream_len(true);
@@ -238,41 +272,56 @@ impl Parser {
         req
     }
 
-    fn collect<M>(&mut self, chain: DescriptorChain<M>, max: usize) -> Result<(), RequestError>
-    where
-        M: Deref,
-        M::Target: GuestMemory,
-    {
-        let mut ended = false;
+    /// Walks the chain from `head`, following NEXT links and at most one
+    /// indirect table, and records its pieces in chain order.
+    fn walk(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: DescTable,
+        head: u16,
+        max: usize,
+    ) -> Result<(), RequestError> {
+        let (mut addr, mut size, mut index) = (table.addr, table.size, head);
+        let mut indirect = false;
         let mut seen_writable = false;
-        let mut order_ok = true;
-        let mut count = 0usize;
-        for desc in chain {
-            count += 1;
-            if count > max {
-                return Err(RequestError::TooManyDescriptors(count));
+        loop {
+            if index >= size {
+                return Err(RequestError::MalformedChain);
             }
-            let writable = desc.is_write_only();
+            let d = read_desc(mem, addr, index)?;
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                // One level only, never chained on, whole 16-byte entries.
+                if indirect
+                    || d.flags & VRING_DESC_F_NEXT != 0
+                    || d.len == 0
+                    || d.len % DESC_LEN as u32 != 0
+                    || d.len / DESC_LEN as u32 > u32::from(u16::MAX)
+                {
+                    return Err(RequestError::MalformedChain);
+                }
+                (addr, size, index) = (GuestAddress(d.addr), (d.len / DESC_LEN as u32) as u16, 0);
+                indirect = true;
+                continue;
+            }
+            // A loop ends here too: it never stops adding pieces.
+            if self.segs.len() >= max {
+                return Err(RequestError::TooManyDescriptors(self.segs.len() + 1));
+            }
+            let writable = d.flags & VRING_DESC_F_WRITE != 0;
             if seen_writable && !writable {
-                order_ok = false;
+                return Err(RequestError::WrongOrder);
             }
             seen_writable |= writable;
-            ended = !desc.has_next();
             self.segs.push(Seg {
-                addr: desc.addr(),
-                len: u64::from(desc.len()),
+                addr: GuestAddress(d.addr),
+                len: u64::from(d.len),
                 writable,
             });
+            if d.flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            index = d.next;
         }
-        // The iterator stops silently on loops and bad indices; a chain whose
-        // last descriptor still says NEXT was cut short.
-        if !ended {
-            return Err(RequestError::MalformedChain);
-        }
-        if !order_ok {
-            return Err(RequestError::WrongOrder);
-        }
-        Ok(())
     }
 
     fn stream_len(&self, writable: bool) -> u64 {
