@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::engine::uring::{Uring, PUNCH_HOLE, ZERO_RANGE};
 use crate::storage::{Disk, DiskKind};
+use crate::vhost_user::inflight::InflightQueue;
 use crate::virtio::request::{DescTable, Limits, Op, Parser, Request};
 use crate::virtio::Status;
 
@@ -88,6 +89,10 @@ pub struct QueueSetup {
     pub kick: File,
     pub call: Arc<CallFd>,
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// In-flight tracking, when the frontend gave us a region for it.
+    pub inflight: Option<InflightQueue>,
+    /// Heads a previous daemon took but did not complete, in fetch order.
+    pub resubmit: Vec<u16>,
 }
 
 /// A running queue thread.
@@ -224,6 +229,8 @@ struct Worker {
     stop: EventFd,
     limits: Limits,
     table: DescTable,
+    inflight: Option<InflightQueue>,
+    resubmit: Vec<u16>,
     parser: Parser,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
@@ -272,6 +279,8 @@ impl Worker {
                 max_descriptors: size,
             },
             table,
+            inflight: setup.inflight,
+            resubmit: setup.resubmit,
             ctx,
             stop,
             parser: Parser::default(),
@@ -319,6 +328,7 @@ impl Worker {
                 .read_eventfd(STOP, self.stop.as_raw_fd(), stop_buf)?
         };
         self.arm_kick()?;
+        self.resubmit_recovered();
         let poll = self.ctx.poll;
         let mut last_work = Instant::now();
         loop {
@@ -381,6 +391,41 @@ impl Worker {
         Ok(())
     }
 
+    /// Restarts the requests a crashed daemon left in flight, in the order
+    /// it fetched them, before anything new is read from the avail ring.
+    fn resubmit_recovered(&mut self) {
+        let heads = std::mem::take(&mut self.resubmit);
+        if heads.is_empty() {
+            return;
+        }
+        log::info!(
+            "queue {}: resubmitting {} in-flight request(s)",
+            self.index,
+            heads.len()
+        );
+        let mem = self.mem.memory().into_inner();
+        for head in heads {
+            if self.free.is_empty() {
+                break;
+            }
+            self.take(head, &mem);
+        }
+        // A completion signal may have been lost with the old daemon.
+        self.call.signal();
+    }
+
+    /// Parses and starts the chain at `head`, tracking it as in flight.
+    fn take(&mut self, head: u16, mem: &Arc<GuestMemoryMmap>) {
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.mark(head);
+        }
+        let iovecs = self.iovec_pool.pop().unwrap_or_default();
+        let req = self
+            .parser
+            .parse(self.table, head, mem, &self.limits, iovecs);
+        self.start(req, mem);
+    }
+
     fn pop_requests(&mut self, mem: &Arc<GuestMemoryMmap>) -> bool {
         let mut any = false;
         // A slot per request: a guest that re-adds heads still in flight
@@ -390,12 +435,7 @@ impl Worker {
                 break;
             };
             any = true;
-            let head = chain.head_index();
-            let iovecs = self.iovec_pool.pop().unwrap_or_default();
-            let req = self
-                .parser
-                .parse(self.table, head, mem, &self.limits, iovecs);
-            self.start(req, mem);
+            self.take(chain.head_index(), mem);
         }
         any
     }
@@ -651,11 +691,17 @@ impl Worker {
 
     fn complete(&mut self, mut req: Request, status: Status, used: u32, mem: &GuestMemoryMmap) {
         let used = if req.set_status(status) { used } else { 0 };
-        if let Err(e) = self.queue.add_used(mem, req.head, used) {
-            let head = req.head;
+        let head = req.head;
+        if let Some(inflight) = &self.inflight {
+            inflight.pre_complete(head);
+        }
+        if let Err(e) = self.queue.add_used(mem, head, used) {
             self.bad_requests.log(self.index, || {
                 format!("cannot add head {head} to the used ring: {e}")
             });
+        }
+        if let Some(inflight) = &self.inflight {
+            inflight.complete(head, self.queue.next_used());
         }
         self.used_added = true;
         let mut iovecs = std::mem::take(&mut req.iovecs);

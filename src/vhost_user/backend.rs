@@ -27,6 +27,7 @@ use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use super::inflight::{InflightError, InflightRegion};
 use crate::virtio::{self, blk_config};
 use crate::worker::{CallFd, DiskContext, QueueSetup, WorkerHandle};
 
@@ -48,6 +49,8 @@ pub enum BackendError {
     ConfigWrite(u32, usize),
     #[error("config space read at offset {0} (+{1}) is out of range")]
     ConfigRead(u32, u32),
+    #[error(transparent)]
+    Inflight(#[from] InflightError),
 }
 
 impl From<BackendError> for VuError {
@@ -94,6 +97,7 @@ pub struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mappings: Vec<Mapping>,
     vrings: Vec<Vring>,
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 impl BlkBackend {
@@ -107,6 +111,7 @@ impl BlkBackend {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             mappings: Vec::new(),
             vrings: (0..num_queues).map(|_| Vring::default()).collect(),
+            inflight: None,
         }
     }
 
@@ -120,6 +125,7 @@ impl BlkBackend {
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.mappings.clear();
+        self.inflight = None;
         self.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         self.ctx.wce.store(true, Ordering::Relaxed);
     }
@@ -153,6 +159,7 @@ impl BlkBackend {
         let mem = self.mem.clone();
         let ctx = Arc::clone(&self.ctx);
         let max = self.max_queue_size;
+        let inflight = self.inflight.clone();
         let Some(v) = self.vrings.get_mut(index) else {
             return Err(BackendError::BadIndex(index as u32));
         };
@@ -188,6 +195,17 @@ impl BlkBackend {
         let used_idx = queue.used_idx(&*guard, Ordering::Acquire).map_err(ring)?;
         queue.set_next_used(used_idx.0);
         drop(guard);
+        // With in-flight tracking the region, not SET_VRING_BASE, says where
+        // the previous daemon stopped (it may have crashed).
+        let mut tracker = inflight.and_then(|r| r.queue(index as u16));
+        let recovery = tracker.as_mut().map(|t| t.recover(used_idx.0));
+        let resubmit = match recovery {
+            Some(r) => {
+                queue.set_next_avail(r.next_avail);
+                r.resubmit
+            }
+            None => Vec::new(),
+        };
         let kick = kick.try_clone().map_err(BackendError::Spawn)?;
         let setup = QueueSetup {
             index: index as u16,
@@ -195,6 +213,8 @@ impl BlkBackend {
             kick,
             call: Arc::clone(&v.call),
             mem,
+            inflight: tracker,
+            resubmit,
         };
         v.worker = Some(WorkerHandle::spawn(setup, ctx).map_err(BackendError::Spawn)?);
         log::debug!(
@@ -361,7 +381,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -440,13 +461,37 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Self::unsupported("inflight fd")
+        let region = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(BackendError::from)?;
+        let file = region.file().try_clone().map_err(BackendError::Spawn)?;
+        let reply = VhostUserInflight {
+            mmap_size: region.len() as u64,
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        self.inflight = Some(Arc::new(region));
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Self::unsupported("inflight fd")
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let region = InflightRegion::open(
+            file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(BackendError::from)?;
+        log::debug!(
+            "in-flight region: {} queues of {}",
+            inflight.num_queues,
+            inflight.queue_size
+        );
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {

@@ -3,6 +3,7 @@
 //! time and keeps listening after it goes away (`server`).
 
 pub mod backend;
+pub mod inflight;
 pub mod server;
 
 pub use backend::BlkBackend;
