@@ -554,3 +554,602 @@ fn host_ptr(
         .map_err(|_| RequestError::BadAddress(addr.0, len as u64))?;
     Ok(slice.ptr_guard_mut().as_ptr())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const QSIZE: u16 = 16;
+    const MEM: usize = 1 << 20;
+    const R: u16 = 0;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+    const HDR: u64 = 0x1000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x8_0000;
+    const INDIRECT_TABLE: u64 = 0x9_0000;
+    /// Past the end of guest memory.
+    const OUTSIDE: u64 = 0x4000_0000;
+    const DISK: u64 = 1 << 30;
+
+    struct Env {
+        mem: Arc<GuestMemoryMmap>,
+        limits: Limits,
+        parser: Parser,
+    }
+
+    impl Env {
+        fn new() -> Env {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+            Env {
+                mem: Arc::new(mem),
+                limits: Limits {
+                    size: DISK,
+                    logical_block: 512,
+                    read_only: false,
+                    max_descriptors: usize::from(QSIZE),
+                },
+                parser: Parser::default(),
+            }
+        }
+
+        fn read_only() -> Env {
+            let mut e = Env::new();
+            e.limits.read_only = true;
+            e
+        }
+
+        fn header(&self, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+        }
+
+        /// A discard/write-zeroes segment right after the header.
+        fn segment(&self, sector: u64, sectors: u32, flags: u32) {
+            let mut s = [0u8; 16];
+            s[0..8].copy_from_slice(&sector.to_le_bytes());
+            s[8..12].copy_from_slice(&sectors.to_le_bytes());
+            s[12..16].copy_from_slice(&flags.to_le_bytes());
+            self.mem.write_slice(&s, GuestAddress(HDR + 16)).unwrap();
+        }
+
+        /// Stores raw descriptors (addr, len, flags, next) at table index 0..
+        fn table(&self, descs: &[(u64, u32, u16, u16)]) {
+            let q = MockSplitQueue::new(&*self.mem, QSIZE);
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                let d = SplitDescriptor::new(addr, len, flags, next);
+                q.desc_table()
+                    .store(i as u16, RawDescriptor::from(d))
+                    .unwrap();
+            }
+        }
+
+        /// Writes descriptors (addr, len, flags) linked 0 -> 1 -> ... at the
+        /// start of an indirect table at `at`.
+        fn write_linked(&self, at: u64, descs: &[(u64, u32, u16)]) {
+            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+                let last = i + 1 == descs.len();
+                let flags = if last { flags } else { flags | NEXT };
+                let mut b = [0u8; 16];
+                b[0..8].copy_from_slice(&addr.to_le_bytes());
+                b[8..12].copy_from_slice(&len.to_le_bytes());
+                b[12..14].copy_from_slice(&flags.to_le_bytes());
+                b[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+                let a = GuestAddress(at + 16 * i as u64);
+                self.mem.write_slice(&b, a).unwrap();
+            }
+        }
+
+        /// Parses a chain of (addr, len, flags) linked in order from head 0.
+        fn chain(&mut self, descs: &[(u64, u32, u16)]) -> Request {
+            let linked: Vec<_> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, &(a, l, f))| {
+                    let last = i + 1 == descs.len();
+                    (a, l, if last { f } else { f | NEXT }, i as u16 + 1)
+                })
+                .collect();
+            self.table(&linked);
+            self.parse()
+        }
+
+        fn parse(&mut self) -> Request {
+            let table = DescTable {
+                addr: GuestAddress(0),
+                size: QSIZE,
+            };
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            self.parser
+                .parse(table, 0, &self.mem, &self.limits, Vec::new())
+        }
+
+        fn status_byte(&self) -> u8 {
+            self.mem.read_obj(GuestAddress(STATUS)).unwrap()
+        }
+
+        fn host(&self, gpa: u64) -> usize {
+            self.mem.get_host_address(GuestAddress(gpa)).unwrap() as usize
+        }
+
+        /// Checks that the request failed with `err` and that completing it
+        /// writes the matching status byte at STATUS.
+        fn expect_err(&self, req: &Request, err: RequestError, status: Status) {
+            assert_eq!(req.op, Err(err));
+            assert_eq!(err.status(), status);
+            assert!(req.iovecs.is_empty(), "a bad request has no data buffers");
+            assert!(req.set_status(err.status()), "status byte located");
+            assert_eq!(self.status_byte(), status as u8);
+        }
+    }
+
+    fn iov_total(req: &Request) -> usize {
+        req.iovecs.iter().map(|v| v.iov_len).sum()
+    }
+
+    fn io(e: &Env, req: &Request, err: RequestError) {
+        e.expect_err(req, err, Status::IoErr);
+    }
+
+    #[test]
+    fn read_is_parsed_into_guest_iovecs() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_IN, 8);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Read {
+                offset: 4096,
+                len: 4096
+            })
+        );
+        assert_eq!(req.iovecs.len(), 1);
+        assert_eq!(req.iovecs[0].iov_base as usize, e.host(DATA));
+        assert_eq!(req.iovecs[0].iov_len, 4096);
+        assert!(req.set_status(Status::Ok));
+        assert_eq!(e.status_byte(), VIRTIO_BLK_S_OK as u8);
+        // The request's copy helpers go to the right guest bytes.
+        assert_eq!(req.copy_to_guest(100, &[7u8; 10]), 10);
+        let mut back = [0u8; 12];
+        e.mem
+            .read_slice(&mut back, GuestAddress(DATA + 99))
+            .unwrap();
+        assert_eq!(back, [0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0]);
+        let mut out = [0u8; 3];
+        assert_eq!(req.copy_from_guest(108, &mut out), 3);
+        assert_eq!(out, [7, 7, 0]);
+    }
+
+    #[test]
+    fn write_flush_and_get_id_are_parsed() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_OUT, 2);
+        let req = e.chain(&[
+            (HDR, 16, R),
+            (DATA, 512, R),
+            (DATA + 4096, 1024, R),
+            (STATUS, 1, W),
+        ]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Write {
+                offset: 1024,
+                len: 1536
+            })
+        );
+        assert_eq!(req.iovecs.len(), 2);
+        assert_eq!(req.iovecs[1].iov_base as usize, e.host(DATA + 4096));
+        assert_eq!(iov_total(&req), 1536);
+
+        e.header(VIRTIO_BLK_T_FLUSH, 0);
+        let req = e.chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!(req.op, Ok(Op::Flush));
+
+        e.header(VIRTIO_BLK_T_GET_ID, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 64, W), (STATUS, 1, W)]);
+        assert_eq!(req.op, Ok(Op::GetId { len: 20 }), "capped at 20 bytes");
+        assert_eq!(iov_total(&req), 20);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 8, W), (STATUS, 1, W)]);
+        assert_eq!(req.op, Ok(Op::GetId { len: 8 }), "short buffer");
+        assert_eq!(iov_total(&req), 8);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_are_parsed() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_DISCARD, 0);
+        e.segment(16, 8, 0);
+        let req = e.chain(&[(HDR, 32, R), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Discard {
+                offset: 8192,
+                len: 4096
+            })
+        );
+        assert!(req.iovecs.is_empty());
+
+        e.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        e.segment(1, 3, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        let req = e.chain(&[(HDR, 16, R), (HDR + 16, 16, R), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::WriteZeroes {
+                offset: 512,
+                len: 1536,
+                unmap: true
+            })
+        );
+        e.segment(1, 3, 0);
+        let req = e.chain(&[(HDR, 32, R), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::WriteZeroes {
+                offset: 512,
+                len: 1536,
+                unmap: false
+            })
+        );
+    }
+
+    #[test]
+    fn any_framing_works() {
+        let mut e = Env::new();
+        // Header split over two descriptors; data and status in one.
+        e.header(VIRTIO_BLK_T_IN, 1);
+        let req = e.chain(&[(HDR, 8, R), (HDR + 8, 8, R), (STATUS - 512, 513, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Read {
+                offset: 512,
+                len: 512
+            })
+        );
+        assert_eq!(req.iovecs.len(), 1);
+        assert_eq!(req.iovecs[0].iov_base as usize, e.host(STATUS - 512));
+        assert_eq!(req.iovecs[0].iov_len, 512);
+        assert!(req.set_status(Status::Ok));
+        assert_eq!(e.status_byte(), 0);
+
+        // Header and write data in one descriptor, status on its own; and
+        // the status byte split off the tail of a data descriptor.
+        let data_at = HDR;
+        e.header(VIRTIO_BLK_T_OUT, 4);
+        let req = e.chain(&[(data_at, 16 + 1024, R), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Write {
+                offset: 2048,
+                len: 1024
+            })
+        );
+        assert_eq!(req.iovecs[0].iov_base as usize, e.host(HDR + 16));
+
+        // An indirect table holding the whole request.
+        e.header(VIRTIO_BLK_T_IN, 0);
+        e.write_linked(
+            INDIRECT_TABLE,
+            &[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)],
+        );
+        e.table(&[(INDIRECT_TABLE, 48, INDIRECT, 0)]);
+        let req = e.parse();
+        assert_eq!(
+            req.op,
+            Ok(Op::Read {
+                offset: 0,
+                len: 1024
+            })
+        );
+        assert!(req.set_status(Status::Ok));
+        assert_eq!(e.status_byte(), 0);
+    }
+
+    #[test]
+    fn malformed_chains() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_IN, 0);
+        // next index out of range of the queue.
+        e.table(&[(HDR, 16, R | NEXT, QSIZE), (STATUS, 1, W, 0)]);
+        let req = e.parse();
+        assert_eq!(req.op, Err(RequestError::MalformedChain));
+        assert!(!req.set_status(Status::IoErr), "no status seen yet");
+
+        // Out-of-range next after the status descriptor was seen: IOERR.
+        e.table(&[(HDR, 16, R | NEXT, 1), (STATUS, 1, W | NEXT, 500)]);
+        let req = e.parse();
+        io(&e, &req, RequestError::MalformedChain);
+
+        let status = (STATUS, 1, W, 0);
+        // Nested indirect table.
+        e.write_linked(INDIRECT_TABLE, &[(INDIRECT_TABLE + 256, 32, INDIRECT)]);
+        e.table(&[(HDR, 16, R | NEXT, 1), (INDIRECT_TABLE, 16, INDIRECT, 0)]);
+        assert_eq!(e.parse().op, Err(RequestError::MalformedChain));
+        // Indirect descriptor that also says NEXT.
+        e.write_linked(INDIRECT_TABLE, &[(STATUS, 1, W)]);
+        e.table(&[(INDIRECT_TABLE, 16, INDIRECT | NEXT, 1), status]);
+        assert_eq!(e.parse().op, Err(RequestError::MalformedChain));
+        // Indirect table of length 0, and not a multiple of 16.
+        for len in [0, 24] {
+            e.table(&[(INDIRECT_TABLE, len, INDIRECT, 0)]);
+            assert_eq!(e.parse().op, Err(RequestError::MalformedChain), "{len}");
+        }
+        // Indirect table whose own next index runs off its end.
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&STATUS.to_le_bytes());
+        raw[8..12].copy_from_slice(&1u32.to_le_bytes());
+        raw[12..14].copy_from_slice(&(W | NEXT).to_le_bytes());
+        raw[14..16].copy_from_slice(&5u16.to_le_bytes());
+        e.mem
+            .write_slice(&raw, GuestAddress(INDIRECT_TABLE))
+            .unwrap();
+        e.table(&[(INDIRECT_TABLE, 32, INDIRECT, 0)]);
+        let req = e.parse();
+        io(&e, &req, RequestError::MalformedChain);
+    }
+
+    #[test]
+    fn loops_and_long_chains_are_too_many_descriptors() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_IN, 0);
+        // 0 -> 1 -> 0 -> ... never ends.
+        e.table(&[(HDR, 16, R | NEXT, 1), (STATUS, 1, W | NEXT, 1)]);
+        let req = e.parse();
+        let n = usize::from(QSIZE) + 1;
+        io(&e, &req, RequestError::TooManyDescriptors(n));
+        e.table(&[(STATUS, 1, W | NEXT, 0)]);
+        let req = e.parse();
+        io(&e, &req, RequestError::TooManyDescriptors(n));
+
+        // An indirect table with more entries than the queue holds.
+        let mut descs = vec![(HDR, 16, R)];
+        descs.extend((0..QSIZE).map(|_| (STATUS, 1, W)));
+        e.write_linked(INDIRECT_TABLE, &descs);
+        e.table(&[(INDIRECT_TABLE, 16 * descs.len() as u32, INDIRECT, 0)]);
+        let req = e.parse();
+        io(&e, &req, RequestError::TooManyDescriptors(n));
+        // Exactly the queue size is fine.
+        let mut descs = vec![(HDR, 16, R)];
+        descs.extend((2..QSIZE).map(|i| (DATA + 512 * u64::from(i), 512, W)));
+        descs.push((STATUS, 1, W));
+        e.write_linked(INDIRECT_TABLE, &descs);
+        e.table(&[(INDIRECT_TABLE, 16 * descs.len() as u32, INDIRECT, 0)]);
+        let req = e.parse();
+        let len = 512 * u64::from(QSIZE - 2);
+        assert_eq!(req.op, Ok(Op::Read { offset: 0, len }));
+        assert_eq!(req.iovecs.len(), usize::from(QSIZE - 2));
+    }
+
+    #[test]
+    fn wrong_order_and_direction() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_OUT, 0);
+        // Status (writable) before the data (readable).
+        let req = e.chain(&[(HDR, 16, R), (STATUS, 1, W), (DATA, 512, R)]);
+        io(&e, &req, RequestError::WrongOrder);
+        // Read with device-readable data.
+        e.header(VIRTIO_BLK_T_IN, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::WrongDirection(VIRTIO_BLK_T_IN));
+        // Write with device-writable data.
+        e.header(VIRTIO_BLK_T_OUT, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::WrongDirection(VIRTIO_BLK_T_OUT));
+    }
+
+    #[test]
+    fn addresses_outside_guest_memory() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_IN, 0);
+        let req = e.chain(&[(HDR, 16, R), (OUTSIDE, 512, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::BadAddress(OUTSIDE, 512));
+        // Data running off the end of memory.
+        let at = MEM as u64 - 256;
+        let req = e.chain(&[(HDR, 16, R), (at, 512, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::BadAddress(at, 512));
+        e.header(VIRTIO_BLK_T_OUT, 0);
+        let req = e.chain(&[(HDR, 16, R), (OUTSIDE, 512, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::BadAddress(OUTSIDE, 512));
+        // Header outside memory.
+        let req = e.chain(&[(OUTSIDE, 16, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::BadAddress(OUTSIDE, 16));
+        // Address + offset overflowing u64.
+        let req = e.chain(&[(u64::MAX - 4, 16, R), (STATUS, 1, W)]);
+        assert!(matches!(req.op, Err(RequestError::BadAddress(..))));
+        assert!(req.iovecs.is_empty());
+        // Status outside memory: nowhere to report, used length 0.
+        e.header(VIRTIO_BLK_T_FLUSH, 0);
+        let req = e.chain(&[(HDR, 16, R), (OUTSIDE, 1, W)]);
+        assert_eq!(req.op, Err(RequestError::BadAddress(OUTSIDE, 1)));
+        assert!(!req.set_status(Status::IoErr));
+        // Indirect table outside memory.
+        e.table(&[(OUTSIDE, 48, INDIRECT, 0)]);
+        let req = e.parse();
+        assert_eq!(req.op, Err(RequestError::BadAddress(OUTSIDE, 16)));
+        assert!(!req.set_status(Status::IoErr));
+        // The descriptor table itself outside memory.
+        let table = DescTable {
+            addr: GuestAddress(OUTSIDE),
+            size: QSIZE,
+        };
+        let req = e.parser.parse(table, 3, &e.mem, &e.limits, Vec::new());
+        assert_eq!(req.head, 3);
+        assert_eq!(req.op, Err(RequestError::BadAddress(OUTSIDE + 48, 16)));
+    }
+
+    #[test]
+    fn short_header_and_missing_status() {
+        let mut e = Env::new();
+        e.header(VIRTIO_BLK_T_IN, 0);
+        let req = e.chain(&[(HDR, 15, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::ShortHeader(15));
+        let req = e.chain(&[(STATUS, 1, W)]);
+        io(&e, &req, RequestError::ShortHeader(0));
+        // No writable descriptor at all.
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, R)]);
+        assert_eq!(req.op, Err(RequestError::NoStatus));
+        assert!(!req.set_status(Status::IoErr));
+        assert_eq!(e.status_byte(), 0xff, "nothing written");
+        // A zero-length status descriptor alone is no status either.
+        let req = e.chain(&[(HDR, 16, R), (STATUS, 0, W)]);
+        assert_eq!(req.op, Err(RequestError::NoStatus));
+        assert!(!req.set_status(Status::IoErr));
+        // After data, the status is the last writable byte: the data is then
+        // one byte short of a whole sector.
+        let req = e.chain(&[(HDR, 16, R), (STATUS - 511, 512, W), (DATA, 0, W)]);
+        io(&e, &req, RequestError::Misaligned(511, 512));
+    }
+
+    #[test]
+    fn ranges_lengths_and_alignment() {
+        let mut e = Env::new();
+        let last = DISK / 512;
+        e.header(VIRTIO_BLK_T_IN, last);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::OutOfRange(last, 512));
+        e.header(VIRTIO_BLK_T_IN, last - 1);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::OutOfRange(last - 1, 1024));
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert!(req.op.is_ok(), "the last sector itself is fine");
+        // sector * 512 overflows.
+        e.header(VIRTIO_BLK_T_OUT, u64::MAX / 256);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::OutOfRange(u64::MAX / 256, 512));
+        // Length not a multiple of 512.
+        e.header(VIRTIO_BLK_T_IN, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 100, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::Misaligned(100, 512));
+        // Huge: 2 GiB in one descriptor (never touched: refused first).
+        let req = e.chain(&[(HDR, 16, R), (DATA, 1 << 31, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::TooLarge(1 << 31));
+
+        // 4 KiB logical blocks: sector and length must be whole blocks.
+        e.limits.logical_block = 4096;
+        e.header(VIRTIO_BLK_T_IN, 1);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::Misaligned(512, 4096));
+        e.header(VIRTIO_BLK_T_IN, 8);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::Misaligned(512, 4096));
+        e.header(VIRTIO_BLK_T_DISCARD, 0);
+        e.segment(1, 8, 0);
+        let req = e.chain(&[(HDR, 32, R), (STATUS, 1, W)]);
+        io(&e, &req, RequestError::Misaligned(512, 4096));
+        e.segment(8, 8, 0);
+        let req = e.chain(&[(HDR, 32, R), (STATUS, 1, W)]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Discard {
+                offset: 4096,
+                len: 4096
+            })
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_errors() {
+        let mut e = Env::new();
+        let status = (STATUS, 1, W);
+        e.header(VIRTIO_BLK_T_DISCARD, 0);
+        e.segment(0, 8, 0);
+        // Two segments, half a segment, none.
+        for len in [48u32, 24, 16] {
+            let req = e.chain(&[(HDR, len, R), status]);
+            io(&e, &req, RequestError::BadSegments(u64::from(len) - 16));
+        }
+        // Discard takes no flags at all, UNMAP included.
+        for flags in [VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, 2, 0x8000_0000] {
+            e.segment(0, 8, flags);
+            let req = e.chain(&[(HDR, 32, R), status]);
+            e.expect_err(&req, RequestError::UnsupportedFlags(flags), Status::Unsupp);
+        }
+        // Write-zeroes takes UNMAP only.
+        e.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        e.segment(0, 8, 2 | VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        let req = e.chain(&[(HDR, 32, R), status]);
+        e.expect_err(&req, RequestError::UnsupportedFlags(3), Status::Unsupp);
+        // Too many sectors, and past the end.
+        e.segment(0, MAX_WRITE_ZEROES_SECTORS + 1, 0);
+        let req = e.chain(&[(HDR, 32, R), status]);
+        let len = u64::from(MAX_WRITE_ZEROES_SECTORS + 1) * 512;
+        io(&e, &req, RequestError::TooLarge(len));
+        e.header(VIRTIO_BLK_T_DISCARD, 0);
+        e.segment(0, MAX_DISCARD_SECTORS + 1, 0);
+        let req = e.chain(&[(HDR, 32, R), status]);
+        let len = u64::from(MAX_DISCARD_SECTORS + 1) * 512;
+        io(&e, &req, RequestError::TooLarge(len));
+        e.segment(DISK / 512 - 4, 8, 0);
+        let req = e.chain(&[(HDR, 32, R), status]);
+        io(&e, &req, RequestError::OutOfRange(DISK / 512 - 4, 4096));
+    }
+
+    #[test]
+    fn read_only_disk_refuses_writes_only() {
+        let mut e = Env::read_only();
+        let status = (STATUS, 1, W);
+        e.header(VIRTIO_BLK_T_OUT, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, R), status]);
+        io(&e, &req, RequestError::ReadOnly);
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            e.header(kind, 0);
+            e.segment(0, 8, 0);
+            let req = e.chain(&[(HDR, 32, R), status]);
+            io(&e, &req, RequestError::ReadOnly);
+        }
+        e.header(VIRTIO_BLK_T_IN, 0);
+        let req = e.chain(&[(HDR, 16, R), (DATA, 512, W), status]);
+        assert_eq!(
+            req.op,
+            Ok(Op::Read {
+                offset: 0,
+                len: 512
+            })
+        );
+        e.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(e.chain(&[(HDR, 16, R), status]).op, Ok(Op::Flush));
+    }
+
+    #[test]
+    fn unknown_type_is_unsupported() {
+        let mut e = Env::new();
+        for kind in [99, 5, 10, VIRTIO_BLK_T_SECURE_ERASE, u32::MAX] {
+            e.header(kind, 0);
+            let req = e.chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+            e.expect_err(&req, RequestError::UnsupportedType(kind), Status::Unsupp);
+        }
+    }
+
+    #[test]
+    fn every_error_maps_to_its_status() {
+        use RequestError::*;
+        let cases = [
+            (MalformedChain, Status::IoErr),
+            (WrongOrder, Status::IoErr),
+            (TooManyDescriptors(3), Status::IoErr),
+            (BadAddress(1, 2), Status::IoErr),
+            (ShortHeader(3), Status::IoErr),
+            (NoStatus, Status::IoErr),
+            (WrongDirection(0), Status::IoErr),
+            (Misaligned(1, 512), Status::IoErr),
+            (OutOfRange(1, 2), Status::IoErr),
+            (TooLarge(1), Status::IoErr),
+            (ReadOnly, Status::IoErr),
+            (BadSegments(0), Status::IoErr),
+            (UnsupportedFlags(1), Status::Unsupp),
+            (UnsupportedType(9), Status::Unsupp),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.status(), status, "{err}");
+            assert!(!err.to_string().is_empty());
+        }
+        assert_eq!(Status::Ok as u8, 0);
+        assert_eq!(Status::IoErr as u8, 1);
+        assert_eq!(Status::Unsupp as u8, 2);
+    }
+}
