@@ -14,8 +14,9 @@
 #   VUBLK_SOCKET  vublk's socket (required)
 #   NUM_QUEUES    virtqueues of the disk (default 1); the guest gets this many vCPUs
 #                 too, since Linux creates at most one virtio-blk queue per vCPU
-#   QUEUE_SIZE    descriptors per virtqueue (default 128; vublk advertises seg_max
-#                 = queue size - 2)
+#   QUEUE_SIZE    descriptors per virtqueue (default 256, vublk's default --queue-size;
+#                 keep the two equal: vublk advertises seg_max = its queue size - 2,
+#                 and QEMU's own default is 128)
 #   SMP           vCPUs (default NUM_QUEUES)
 #   MEM           guest RAM (default 1G). vhost-user needs guest RAM that the backend
 #                 can map: a memfd shared memory backend (share=on)
@@ -31,7 +32,7 @@ set -euo pipefail
 
 : "${VUBLK_SOCKET:?set VUBLK_SOCKET to the socket vublk listens on}"
 NUM_QUEUES=${NUM_QUEUES:-1}
-QUEUE_SIZE=${QUEUE_SIZE:-128}
+QUEUE_SIZE=${QUEUE_SIZE:-256}
 SMP=${SMP:-$NUM_QUEUES}
 MEM=${MEM:-1G}
 ACCEL=${ACCEL:-auto}
