@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod stats;
 pub mod storage;
 pub mod tier;
 pub mod vhost_user;
