@@ -36,6 +36,7 @@ key=$(
 )
 out=$cache_root/$key
 if [[ -f $out/.complete ]]; then
+    touch "$out" # last use, for the pruning below
     log "cached: $out"
     echo "$out"
     exit 0
@@ -157,6 +158,9 @@ echo "$kver" >"$out.tmp/kver"
 touch "$out.tmp/.complete"
 rm -rf "$out"
 mv "$out.tmp" "$out"
+# Drop guests that no caller has used for two weeks (older package versions).
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d -name '[0-9a-f]*' ! -name "$key" -mtime +14 \
+    -exec rm -rf {} + 2>/dev/null || true
 t1=$(date +%s.%N)
 log "built $out in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')s ($(du -sh "$out/initramfs.cpio.gz" | cut -f1) initramfs, kernel $kver)"
 echo "$out"
