@@ -303,6 +303,10 @@ pub struct Settings {
     /// Requests larger than this count as several operations for IOPS limits.
     #[arg(long)]
     pub qos_iops_size: Option<Bytes>,
+    /// Testing only: a file whose content (`OPS ERRNO`, e.g. `write EIO`)
+    /// makes completed operations report that error.
+    #[arg(long, hide = true)]
+    pub fault_file: Option<PathBuf>,
 }
 
 macro_rules! merge_settings {
@@ -323,7 +327,7 @@ impl Settings {
             qos_bps_burst, qos_bps_read_burst, qos_bps_write_burst,
             qos_iops_burst_length, qos_iops_read_burst_length, qos_iops_write_burst_length,
             qos_bps_burst_length, qos_bps_read_burst_length, qos_bps_write_burst_length,
-            qos_iops_size,
+            qos_iops_size, fault_file,
         )
     }
 }
@@ -430,6 +434,8 @@ pub struct Config {
     pub ops: OpsConfig,
     /// The config file, re-read on SIGHUP.
     pub file: Option<PathBuf>,
+    /// Testing only: see `storage::fault`.
+    pub fault_file: Option<PathBuf>,
 }
 
 /// Errors retried by default: the ones storage recovers from (a full thin
@@ -455,6 +461,15 @@ const ERRNO_NAMES: &[(&str, i32)] = &[
     ("ESTALE", libc::ESTALE),
 ];
 
+/// The errno of a name we know (`EIO`, case-insensitive).
+pub fn errno_by_name(name: &str) -> Option<i32> {
+    let name = name.trim().to_ascii_uppercase();
+    ERRNO_NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, e)| *e)
+}
+
 /// The name of an errno we know (for alarms and logs).
 pub fn errno_name(errno: i32) -> &'static str {
     ERRNO_NAMES
@@ -469,15 +484,14 @@ fn parse_errnos(text: &str) -> Result<Vec<i32>, ConfigError> {
     }
     text.split(',')
         .map(|name| {
-            let name = name.trim().to_ascii_uppercase();
-            ERRNO_NAMES
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, e)| *e)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = ERRNO_NAMES.iter().map(|(n, _)| *n).collect();
-                    invalid("retry-errnos", &name, format!("known: {}", known.join(",")))
-                })
+            errno_by_name(name).ok_or_else(|| {
+                let known: Vec<&str> = ERRNO_NAMES.iter().map(|(n, _)| *n).collect();
+                invalid(
+                    "retry-errnos",
+                    name.trim(),
+                    format!("known: {}", known.join(",")),
+                )
+            })
         })
         .collect()
 }
@@ -513,6 +527,7 @@ impl Config {
             qos: qos_limits(&s)?,
             ops: ops_config(&s)?,
             file: args.config.clone(),
+            fault_file: s.fault_file.clone(),
         };
         config.validate()?;
         Ok(config)

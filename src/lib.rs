@@ -7,8 +7,10 @@
 
 pub mod config;
 pub mod engine;
+pub mod qos;
 pub mod stats;
 pub mod storage;
+pub mod suspend;
 pub mod tier;
 pub mod vhost_user;
 pub mod virtio;

@@ -28,13 +28,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         if config.read_only { ", read-only" } else { "" },
     );
     let disk = Arc::new(disk);
-    let ctx = Arc::new(DiskContext::new(
-        Arc::clone(&disk),
-        &config.serial,
-        config.poll,
-    ));
-    let backend = BlkBackend::new(ctx, config.num_queues, config.queue_size);
+    let ctx = Arc::new(DiskContext::new(Arc::clone(&disk), &config));
+    let backend = BlkBackend::new(Arc::clone(&ctx), config.num_queues, config.queue_size);
     let mut server = Server::bind(&config.socket, backend)?;
+    // SIGHUP: re-read the config file; QoS limits and suspension apply live.
+    server.on_reload(Box::new(move || match Config::reload(&args) {
+        Ok((qos, suspend)) => {
+            ctx.qos.set_limits(qos);
+            ctx.suspension.set_config(suspend);
+            log::info!("configuration reloaded: QoS {qos:?}");
+        }
+        Err(e) => log::error!("configuration not reloaded: {e}"),
+    }));
     server.run()?;
     drop(server);
     disk.sync().context("final flush of the disk")?;
@@ -43,11 +48,28 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message spans lines (usage, hints); keep the first.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("vublk: error: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vublk: error: {e:#}");
+            // One line, even when a cause (a TOML parser) spans several.
+            let text = format!("{e:#}");
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("vublk: error: {}", parts.join(": "));
             ExitCode::FAILURE
         }
     }

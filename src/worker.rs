@@ -6,8 +6,15 @@
 //! While busy it polls the avail ring with notifications off; after `poll`
 //! of idleness it turns notifications back on, re-checks the ring (so no kick
 //! is lost) and sleeps in io_uring_enter until a completion, a kick (an
-//! eventfd read queued on the same ring) or a stop request arrives.
+//! eventfd read queued on the same ring), a timer or a stop request arrives.
+//!
+//! Between parsing and submission a request may wait without spinning:
+//! for QoS tokens (until its reserved start time) or behind a request that
+//! storage failed and that is being retried (I/O suspension), so that a
+//! retry never reorders writes.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
@@ -20,8 +27,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::Config;
 use crate::engine::uring::{Uring, PUNCH_HOLE, ZERO_RANGE};
+use crate::qos::{Dir, Qos};
+use crate::stats::{DiskStats, QueueStats};
+use crate::storage::fault::{self, FaultInjector};
 use crate::storage::{Disk, DiskKind};
+use crate::suspend::{AlarmInfo, Suspension, Verdict};
 use crate::vhost_user::inflight::InflightQueue;
 use crate::virtio::request::{DescTable, Limits, Op, Parser, Request};
 use crate::virtio::Status;
@@ -44,18 +56,32 @@ pub struct DiskContext {
     pub wce: AtomicBool,
     pub serial: [u8; 20],
     pub poll: Duration,
+    pub stats: Arc<DiskStats>,
+    pub qos: Qos,
+    pub suspension: Suspension,
+    pub faults: Arc<FaultInjector>,
 }
 
 impl DiskContext {
-    pub fn new(disk: Arc<Disk>, serial: &[u8], poll: Duration) -> DiskContext {
-        let mut s = [0u8; 20];
-        let n = serial.len().min(s.len());
-        s[..n].copy_from_slice(&serial[..n]);
+    pub fn new(disk: Arc<Disk>, config: &Config) -> DiskContext {
+        let mut serial = [0u8; 20];
+        let n = config.serial.len().min(serial.len());
+        serial[..n].copy_from_slice(&config.serial[..n]);
+        let stats = Arc::new(DiskStats::new(config.num_queues));
+        let name = disk.path().display().to_string();
+        let faults = Arc::new(FaultInjector::default());
+        if let Some(path) = &config.fault_file {
+            faults.watch(path.clone());
+        }
         DiskContext {
             disk,
             wce: AtomicBool::new(true),
-            serial: s,
-            poll,
+            serial,
+            poll: config.poll,
+            qos: Qos::new(config.qos),
+            suspension: Suspension::new(name, config.suspend.clone(), Arc::clone(&stats)),
+            stats,
+            faults,
         }
     }
 }
@@ -138,14 +164,59 @@ enum ZeroStage {
     WriteBuffer,
 }
 
-/// A request waiting for io_uring.
+/// Where a request with a slot is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    /// Waiting for its QoS start time.
+    Throttled,
+    /// Waiting behind a failing request of the same queue.
+    Held,
+    /// Submitted to io_uring.
+    InFlight,
+    /// Failed; waiting to be retried.
+    RetryWait,
+}
+
+/// A request storage failed and that is being retried.
+struct Failure {
+    since: Instant,
+    errno: i32,
+    alarmed: bool,
+}
+
+/// A request between parsing and completion.
 struct Slot {
     req: Request,
     op: Op,
+    state: SlotState,
+    arrived: Instant,
     /// Bytes of a read or write already transferred (short I/O, bounce chunks).
     done: u64,
     bounce: Option<Bounce>,
     zero: ZeroStage,
+    failure: Option<Failure>,
+}
+
+impl Slot {
+    fn sector(&self) -> u64 {
+        match self.op {
+            Op::Read { offset, .. }
+            | Op::Write { offset, .. }
+            | Op::Discard { offset, .. }
+            | Op::WriteZeroes { offset, .. } => offset / 512,
+            Op::Flush | Op::GetId { .. } => 0,
+        }
+    }
+
+    /// The fault-injection class of the operation.
+    fn fault_class(&self) -> u8 {
+        match self.op {
+            Op::Read { .. } => fault::READ,
+            Op::Write { .. } => fault::WRITE,
+            Op::Flush => fault::FLUSH,
+            _ => fault::OTHER,
+        }
+    }
 }
 
 /// An aligned buffer for O_DIRECT requests whose guest buffers are not.
@@ -229,6 +300,15 @@ struct Worker {
     stop: EventFd,
     limits: Limits,
     table: DescTable,
+    stats: Arc<QueueStats>,
+    /// Time at the top of the current loop iteration.
+    now: Instant,
+    /// Throttled and retrying requests, by the time they may go.
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Requests waiting behind failing ones, in arrival order.
+    held: VecDeque<usize>,
+    /// Requests failing now; while non-zero new requests are held.
+    failing: usize,
     inflight: Option<InflightQueue>,
     resubmit: Vec<u16>,
     parser: Parser,
@@ -279,6 +359,11 @@ impl Worker {
                 max_descriptors: size,
             },
             table,
+            stats: ctx.stats.queue(setup.index),
+            now: Instant::now(),
+            timers: BinaryHeap::new(),
+            held: VecDeque::new(),
+            failing: 0,
             inflight: setup.inflight,
             resubmit: setup.resubmit,
             ctx,
@@ -331,20 +416,26 @@ impl Worker {
         self.resubmit_recovered();
         let poll = self.ctx.poll;
         let mut last_work = Instant::now();
+        let mut was_stopping = false;
         loop {
+            self.now = Instant::now();
             let mem = self.mem.memory().into_inner();
-            let mut progress = false;
+            let mut progress = self.fire_timers(&mem);
             if !self.stopping {
                 progress |= self.pop_requests(&mem);
             }
             self.ring.submit()?;
             progress |= self.reap(&mem)?;
+            if self.stopping && !was_stopping {
+                was_stopping = true;
+                self.abandon_waiting(&mem);
+            }
             self.signal_guest(&mem);
             if self.stopping && self.inflight() == 0 {
                 break;
             }
             if progress {
-                last_work = Instant::now();
+                last_work = self.now;
                 if self.notify_enabled {
                     // Busy: the guest need not kick while we poll.
                     let _ = self.queue.disable_notification(&*mem);
@@ -352,7 +443,7 @@ impl Worker {
                 }
                 continue;
             }
-            if !self.stopping && last_work.elapsed() < poll {
+            if !self.stopping && self.now.duration_since(last_work) < poll {
                 std::hint::spin_loop();
                 continue;
             }
@@ -368,9 +459,60 @@ impl Worker {
                         .log(self.index, || format!("cannot enable notifications: {e}")),
                 }
             }
-            self.ring.submit_and_wait()?;
+            // Sleep until a completion, a kick, a stop or the next timer.
+            let timeout = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _))| t.saturating_duration_since(Instant::now()));
+            self.ring.submit_and_wait(timeout)?;
         }
         self.cancel_kick()
+    }
+
+    /// Starts the throttled and retrying requests whose time has come.
+    fn fire_timers(&mut self, mem: &GuestMemoryMmap) -> bool {
+        let mut any = false;
+        while let Some(&Reverse((t, idx))) = self.timers.peek() {
+            if t > self.now {
+                break;
+            }
+            self.timers.pop();
+            any = true;
+            match self.slots[idx].as_ref().map(|s| s.state) {
+                Some(SlotState::Throttled) => self.dispatch(idx, mem),
+                Some(SlotState::RetryWait) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.submit_slot(idx, mem);
+                }
+                _ => {}
+            }
+        }
+        any
+    }
+
+    /// On stop: requests not yet at the disk either go now (throttled ones:
+    /// QoS does not matter any more) or, when they wait behind a failure, are
+    /// left for the next daemon (with in-flight tracking, which resubmits
+    /// them in order) or failed (without it, they would be lost).
+    fn abandon_waiting(&mut self, mem: &GuestMemoryMmap) {
+        self.timers.clear();
+        self.held.clear();
+        for idx in 0..self.slots.len() {
+            let Some(state) = self.slots[idx].as_ref().map(|s| s.state) else {
+                continue;
+            };
+            match state {
+                SlotState::Throttled => self.dispatch(idx, mem),
+                SlotState::Held | SlotState::RetryWait => {
+                    if self.inflight.is_some() {
+                        self.release_slot(idx);
+                    } else {
+                        self.finish(idx, Status::IoErr, mem);
+                    }
+                }
+                SlotState::InFlight => {}
+            }
+        }
     }
 
     /// Cancels the pending kick read and waits for it, so the kernel no longer
@@ -381,7 +523,7 @@ impl Worker {
         }
         self.ring.cancel(CANCEL, KICK)?;
         while self.kick_armed {
-            self.ring.submit_and_wait()?;
+            self.ring.submit_and_wait(None)?;
             self.completions.clear();
             self.ring.reap(&mut self.completions);
             if self.completions.iter().any(|&(d, _)| d == KICK) {
@@ -447,38 +589,32 @@ impl Worker {
                 let head = req.head;
                 self.bad_requests
                     .log(self.index, || format!("bad request (head {head}): {e}"));
+                self.stats.other.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 return self.complete(req, e.status(), 1, mem);
             }
         };
-        // Requests that need no I/O complete here.
-        match op {
-            Op::GetId { len } => {
-                let serial = self.ctx.serial;
-                let n = req.copy_to_guest(0, &serial[..len as usize]);
-                return self.complete(req, Status::Ok, n as u32 + 1, mem);
-            }
-            _ if self.ctx.disk.kind() == DiskKind::Null => {
-                let used = match op {
-                    Op::Read { len, .. } => {
-                        req.zero_data();
-                        len as u32 + 1
-                    }
-                    _ => 1,
-                };
-                return self.complete(req, Status::Ok, used, mem);
-            }
-            _ => {}
+        if let Op::GetId { len } = op {
+            // Needs no I/O.
+            let serial = self.ctx.serial;
+            let n = req.copy_to_guest(0, &serial[..len as usize]);
+            self.stats.other.fetch_add(1, Ordering::Relaxed);
+            return self.complete(req, Status::Ok, n as u32 + 1, mem);
         }
         let Some(idx) = self.free.pop() else {
-            // Unreachable: pop_requests only pops with a free slot.
+            // Unreachable: requests are only popped with a free slot.
             return self.complete(req, Status::IoErr, 1, mem);
         };
+        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
         let mut slot = Slot {
             req,
             op,
+            state: SlotState::Held,
+            arrived: self.now,
             done: 0,
             bounce: None,
             zero: ZeroStage::ZeroRange,
+            failure: None,
         };
         match op {
             Op::Read { len, .. } | Op::Write { len, .. } if self.needs_bounce(&slot.req) => {
@@ -488,7 +624,54 @@ impl Worker {
             _ => {}
         }
         self.slots[idx] = Some(slot);
+        if self.failing > 0 {
+            self.held.push_back(idx);
+        } else {
+            self.admit(idx, mem);
+        }
+    }
+
+    /// Takes QoS tokens for a request: it starts now or at its reserved time.
+    fn admit(&mut self, idx: usize, mem: &GuestMemoryMmap) {
+        let qos = &self.ctx.qos;
+        let go_at = match self.slots[idx].as_ref().map(|s| s.op) {
+            Some(Op::Read { len, .. }) if qos.is_active() => qos.admit(Dir::Read, len, self.now),
+            Some(Op::Write { len, .. }) if qos.is_active() => qos.admit(Dir::Write, len, self.now),
+            _ => self.now,
+        };
+        if go_at > self.now {
+            let waited = go_at.duration_since(self.now).as_nanos() as u64;
+            self.stats.throttled_ns.fetch_add(waited, Ordering::Relaxed);
+            if let Some(slot) = self.slots[idx].as_mut() {
+                slot.state = SlotState::Throttled;
+            }
+            self.timers.push(Reverse((go_at, idx)));
+        } else {
+            self.dispatch(idx, mem);
+        }
+    }
+
+    /// Sends a request to the disk (the null disk completes it here).
+    fn dispatch(&mut self, idx: usize, mem: &GuestMemoryMmap) {
+        if self.ctx.disk.kind() == DiskKind::Null {
+            if let Some(slot) = self.slots[idx].as_ref() {
+                if matches!(slot.op, Op::Read { .. }) {
+                    slot.req.zero_data();
+                }
+            }
+            return self.finish(idx, Status::Ok, mem);
+        }
         self.submit_slot(idx, mem);
+    }
+
+    /// Requests held behind failures go, in order, once none fails.
+    fn release_held(&mut self, mem: &GuestMemoryMmap) {
+        while self.failing == 0 {
+            let Some(idx) = self.held.pop_front() else {
+                break;
+            };
+            self.admit(idx, mem);
+        }
     }
 
     /// O_DIRECT needs every buffer aligned; guests usually comply.
@@ -522,6 +705,7 @@ impl Worker {
         let Some(slot) = self.slots[idx].as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
+        slot.state = SlotState::InFlight;
         let ring = &mut self.ring;
         match slot.op {
             Op::Read { offset, len } | Op::Write { offset, len } => {
@@ -609,10 +793,15 @@ impl Worker {
         Ok(true)
     }
 
-    fn on_complete(&mut self, idx: usize, res: i32, mem: &GuestMemoryMmap) {
+    fn on_complete(&mut self, idx: usize, mut res: i32, mem: &GuestMemoryMmap) {
         let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
+        if res >= 0 {
+            if let Some(errno) = self.ctx.faults.fault(slot.fault_class()) {
+                res = -errno;
+            }
+        }
         if res < 0 {
             let errno = -res;
             match (&slot.op, &slot.zero) {
@@ -642,11 +831,7 @@ impl Worker {
                 }
                 _ => {}
             }
-            let (index, op) = (self.index, slot.op);
-            self.io_errors.log(index, || {
-                format!("{op:?} failed: {}", io::Error::from_raw_os_error(errno))
-            });
-            return self.finish(idx, Status::IoErr, mem);
+            return self.failed(idx, errno, mem);
         }
         let n = res as u64;
         let total = match (slot.op, &slot.zero) {
@@ -677,16 +862,128 @@ impl Worker {
         self.submit_slot(idx, mem);
     }
 
-    fn finish(&mut self, idx: usize, status: Status, mem: &GuestMemoryMmap) {
-        let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
+    /// An attempt failed: retry it (I/O suspension) or fail the request.
+    fn failed(&mut self, idx: usize, errno: i32, mem: &GuestMemoryMmap) {
+        let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             return;
         };
-        self.free.push(idx);
+        let since = slot.failure.as_ref().map_or(self.now, |f| f.since);
+        let failing_for = self.now.saturating_duration_since(since);
+        let verdict = if self.stopping {
+            Verdict::Fail
+        } else {
+            self.ctx.suspension.verdict(errno, failing_for)
+        };
+        let Verdict::Retry(interval) = verdict else {
+            let (index, op) = (self.index, slot.op);
+            self.io_errors.log(index, || {
+                format!("{op:?} failed: {}", io::Error::from_raw_os_error(errno))
+            });
+            return self.finish(idx, Status::IoErr, mem);
+        };
+        if slot.failure.is_none() {
+            self.failing += 1;
+            let (index, op) = (self.index, slot.op);
+            self.io_errors.log(index, || {
+                format!(
+                    "{op:?} failed: {}; suspending the queue and retrying",
+                    io::Error::from_raw_os_error(errno)
+                )
+            });
+        }
+        let failure = slot.failure.get_or_insert(Failure {
+            since,
+            errno,
+            alarmed: false,
+        });
+        failure.errno = errno;
+        if !failure.alarmed && self.ctx.suspension.alarm_due(failing_for) {
+            failure.alarmed = true;
+            self.ctx.suspension.raise(&AlarmInfo {
+                queue: self.index,
+                sector: slot.sector(),
+                errno,
+                duration: failing_for,
+            });
+        }
+        slot.state = SlotState::RetryWait;
+        self.timers.push(Reverse((self.now + interval, idx)));
+    }
+
+    fn finish(&mut self, idx: usize, status: Status, mem: &GuestMemoryMmap) {
+        let Some(slot) = self.release_slot(idx) else {
+            return;
+        };
+        let s = &self.stats;
+        let count = |c: &std::sync::atomic::AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
+        match slot.op {
+            Op::Read { len, .. } => {
+                count(&s.reads, 1);
+                if status == Status::Ok {
+                    count(&s.bytes_read, len);
+                }
+            }
+            Op::Write { len, .. } => {
+                count(&s.writes, 1);
+                if status == Status::Ok {
+                    count(&s.bytes_written, len);
+                }
+            }
+            Op::Flush => {
+                count(&s.flushes, 1);
+            }
+            Op::Discard { .. } => {
+                count(&s.discards, 1);
+            }
+            Op::WriteZeroes { .. } => {
+                count(&s.write_zeroes, 1);
+            }
+            Op::GetId { .. } => {
+                count(&s.other, 1);
+            }
+        }
+        if status != Status::Ok {
+            count(&s.errors, 1);
+        }
+        s.latency
+            .record(self.now.saturating_duration_since(slot.arrived).as_nanos() as u64);
+        if let Some(f) = &slot.failure {
+            let info = AlarmInfo {
+                queue: self.index,
+                sector: slot.sector(),
+                errno: f.errno,
+                duration: self.now.saturating_duration_since(f.since),
+            };
+            if status == Status::Ok {
+                log::info!(
+                    "queue {}: sector {} recovered after {:.1} s",
+                    self.index,
+                    info.sector,
+                    info.duration.as_secs_f64()
+                );
+            }
+            if f.alarmed {
+                self.ctx.suspension.clear(&info, status == Status::Ok);
+            }
+        }
         let used = match (slot.op, status) {
             (Op::Read { len, .. }, Status::Ok) => len as u32 + 1,
             _ => 1,
         };
         self.complete(slot.req, status, used, mem);
+        self.release_held(mem);
+    }
+
+    /// Frees a slot without completing its request (the caller does, or
+    /// leaves it to the next daemon through the in-flight region).
+    fn release_slot(&mut self, idx: usize) -> Option<Slot> {
+        let slot = self.slots.get_mut(idx).and_then(Option::take)?;
+        self.free.push(idx);
+        self.stats.inflight.fetch_sub(1, Ordering::Relaxed);
+        if slot.failure.is_some() {
+            self.failing -= 1;
+        }
+        Some(slot)
     }
 
     fn complete(&mut self, mut req: Request, status: Status, used: u32, mem: &GuestMemoryMmap) {

@@ -145,11 +145,20 @@ impl Uring {
         Ok(())
     }
 
-    /// Submits queued entries and sleeps until at least one completion.
-    pub fn submit_and_wait(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
+    /// Submits queued entries and sleeps until at least one completion, or
+    /// until `timeout` has passed when one is given.
+    pub fn submit_and_wait(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        let res = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match res {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
             Err(e) => Err(e),
         }
     }

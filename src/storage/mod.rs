@@ -1,6 +1,7 @@
 //! Backing storage: opening a raw image, block device or null disk, and
 //! learning its geometry (size, block sizes, alignment) once at start-up.
 
+pub mod fault;
 mod sys;
 
 use std::fs::{File, OpenOptions};

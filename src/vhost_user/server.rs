@@ -26,12 +26,15 @@ pub enum ServerError {
 const EV_LISTENER: u64 = 1;
 const EV_SIGNAL: u64 = 2;
 const EV_CONN: u64 = 3;
+const EV_RELOAD: u64 = 4;
 
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
     backend: Arc<Mutex<BlkBackend>>,
     signals: UnixStream,
+    hangups: UnixStream,
+    on_reload: Option<Box<dyn FnMut() + Send>>,
     epoll: RawFd,
 }
 
@@ -57,16 +60,25 @@ impl Server {
             let n = notifier.try_clone().map_err(ServerError::Signals)?;
             signal_hook::low_level::pipe::register(sig, n).map_err(ServerError::Signals)?;
         }
+        let (hangups, hup_notifier) = UnixStream::pair().map_err(ServerError::Signals)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, hup_notifier)
+            .map_err(ServerError::Signals)?;
+        hangups
+            .set_nonblocking(true)
+            .map_err(ServerError::Signals)?;
         let epoll = epoll::create(true).map_err(ServerError::Epoll)?;
         let server = Server {
             listener,
             path: path.to_owned(),
             backend: Arc::new(Mutex::new(backend)),
             signals,
+            hangups,
+            on_reload: None,
             epoll,
         };
         server.watch(server.listener.as_raw_fd(), EV_LISTENER)?;
         server.watch(server.signals.as_raw_fd(), EV_SIGNAL)?;
+        server.watch(server.hangups.as_raw_fd(), EV_RELOAD)?;
         log::info!("listening on {}", path.display());
         Ok(server)
     }
@@ -82,11 +94,28 @@ impl Server {
         let _ = epoll::ctl(self.epoll, epoll::ControlOptions::EPOLL_CTL_DEL, fd, ev);
     }
 
-    fn wait(&self) -> Result<u64, ServerError> {
+    /// Called on SIGHUP, from the thread that runs [`Server::run`].
+    pub fn on_reload(&mut self, f: Box<dyn FnMut() + Send>) {
+        self.on_reload = Some(f);
+    }
+
+    fn reload(&mut self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.hangups).read(&mut buf), Ok(n) if n > 0) {}
+        if let Some(f) = self.on_reload.as_mut() {
+            f();
+        }
+    }
+
+    fn wait(&mut self) -> Result<u64, ServerError> {
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
         loop {
             match epoll::wait(self.epoll, -1, &mut events) {
                 Ok(0) => continue,
+                Ok(n) if events[..n].iter().any(|e| e.data == EV_RELOAD) => {
+                    self.reload();
+                    continue;
+                }
                 // A signal is reported as readable on the signal pipe.
                 Ok(n) => {
                     let tokens = events[..n].iter().map(|e| e.data);
@@ -132,7 +161,7 @@ impl Server {
     }
 
     /// Handles one connection; returns true when a signal asks us to exit.
-    fn serve(&self, stream: UnixStream) -> Result<bool, ServerError> {
+    fn serve(&mut self, stream: UnixStream) -> Result<bool, ServerError> {
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&self.backend));
         let conn = handler.try_clone_connection().map_err(ServerError::Epoll)?;
         self.watch(conn.as_raw_fd(), EV_CONN)?;
