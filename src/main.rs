@@ -6,6 +6,8 @@ use clap::Parser;
 
 use vublk::config::{Args, Config};
 use vublk::storage::Disk;
+use vublk::tier::release::spawn_release_server;
+use vublk::vhost_user::backend::release_guest_memory;
 use vublk::vhost_user::{BlkBackend, Server};
 use vublk::worker::DiskContext;
 
@@ -30,6 +32,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     let disk = Arc::new(disk);
     let ctx = Arc::new(DiskContext::new(Arc::clone(&disk), &config));
     let backend = BlkBackend::new(Arc::clone(&ctx), config.num_queues, config.queue_size);
+    let _tier = match &config.ops.tier_socket {
+        Some(path) => {
+            let mem = backend.memory();
+            let release = Arc::new(move || release_guest_memory(&mem));
+            Some(
+                spawn_release_server(path, release)
+                    .with_context(|| format!("tier socket {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let mut server = Server::bind(&config.socket, backend)?;
     // SIGHUP: re-read the config file; QoS limits and suspension apply live.
     server.on_reload(Box::new(move || match Config::reload(&args) {

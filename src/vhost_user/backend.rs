@@ -24,7 +24,8 @@ use vhost::vhost_user::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 
 use super::inflight::{InflightError, InflightRegion};
@@ -64,6 +65,28 @@ impl From<BackendError> for VuError {
             )),
         }
     }
+}
+
+/// Drops our page-table entries for all of guest RAM (vublk-tier asks
+/// before it pages memory out: the kernel skips pages that a second process
+/// maps). The mapping is shared, so the data stays in the frontend's memory
+/// and whatever we touch next simply faults back in; I/O in flight holds
+/// its pages pinned and is unaffected. Returns the bytes released.
+pub fn release_guest_memory(mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<u64> {
+    let mem = mem.memory();
+    let mut total = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the region is a live mapping of `len` bytes that `mem`
+        // keeps mapped; MADV_DONTNEED on a shared mapping only drops our
+        // page-table entries, never the data.
+        let r = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        total += len as u64;
+    }
+    Ok(total)
 }
 
 /// What QEMU's vhost-user frontend offers at most.
@@ -126,8 +149,14 @@ impl BlkBackend {
         self.acked_protocol = 0;
         self.mappings.clear();
         self.inflight = None;
-        self.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        // Keep the same handle (the tier release server holds it), empty.
+        let _ = self.replace_memory(GuestMemoryMmap::new());
         self.ctx.wce.store(true, Ordering::Relaxed);
+    }
+
+    /// The guest memory as the queues see it, for the tier handshake.
+    pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
+        self.mem.clone()
     }
 
     /// Number of queue threads running now.
