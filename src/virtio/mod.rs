@@ -2,6 +2,8 @@
 //! parsing. Nothing here does I/O.
 
 pub mod blk_config;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod request;
 
 use virtio_bindings::virtio_blk::*;
