@@ -869,11 +869,16 @@ impl Worker {
         };
         let since = slot.failure.as_ref().map_or(self.now, |f| f.since);
         let failing_for = self.now.saturating_duration_since(since);
-        let verdict = if self.stopping {
-            Verdict::Fail
-        } else {
-            self.ctx.suspension.verdict(errno, failing_for)
-        };
+        let verdict = self.ctx.suspension.verdict(errno, failing_for);
+        if self.stopping && matches!(verdict, Verdict::Retry(_)) {
+            // No retries while stopping: the next daemon resubmits the
+            // request from the in-flight region; without one it fails.
+            if self.inflight.is_some() {
+                self.release_slot(idx);
+                return;
+            }
+            return self.finish(idx, Status::IoErr, mem);
+        }
         let Verdict::Retry(interval) = verdict else {
             let (index, op) = (self.index, slot.op);
             self.io_errors.log(index, || {
