@@ -9,15 +9,22 @@
 //!    a short transfer ends that chunk, and pages whose word could not be
 //!    read are reported `Unknown`, never idle;
 //! 3. pages still in the per-CPU LRU-add batches cannot be marked: after
-//!    marking, the words are read back, and a page whose bit did not stick
-//!    is `Unknown` at the next scan instead of falsely `Accessed`;
+//!    marking, the words are read back; for a page whose bit did not stick,
+//!    `/proc/kpageflags` says whether it is on the LRU (then it was touched
+//!    again at once, and reads accessed next time, rightly) or not (the
+//!    mark was refused: `Unknown` at the next scan, not a false access);
 //! 4. clearing the Accessed bit does not flush the TLB, so a page reached
-//!    through a cached translation can read idle although it is hot. Nothing
-//!    here can flush another process's TLB; a cold age of at least 2 scans
-//!    (the default is 12) makes one false idle reading harmless, and a page
+//!    through a cached translation can read idle although it is hot. After
+//!    marking, the tracker runs briefly on every CPU it may use
+//!    ([`sys::visit_cpus`]): a target thread resuming on such a CPU reloads
+//!    CR3, which drops its stale translations where TLB entries are not
+//!    PCID-tagged (TCG, older CPUs). Where they are, a real TLB's small
+//!    reach limits the effect to tiny hot sets; a cold age of at least 2
+//!    scans (default 12) makes one false idle reading harmless, and a page
 //!    wrongly moved comes back as a refault that doubles its own cold age.
 
 use crate::tier::pages::BitSet;
+use crate::tier::sys;
 use crate::tier::target::{PM_PFN_MASK, PM_PRESENT};
 use crate::tier::tracker::{Access, Capabilities, ScanInput, ScanResult, Tracker, TrackerError};
 use std::fs::{File, OpenOptions};
@@ -30,10 +37,17 @@ pub const BITMAP: &str = "/sys/kernel/mm/page_idle/bitmap";
 const CHUNK_BYTES: usize = 4096;
 const CHUNK_WORDS: usize = CHUNK_BYTES / 8;
 const CHUNK_PFNS: u64 = (CHUNK_WORDS * 64) as u64;
+/// Page flags, for KPF_LRU.
+const KPAGEFLAGS: &str = "/proc/kpageflags";
+const KPF_LRU: u64 = 1 << 5;
+/// Most kpageflags lookups per scan; past it a mark that did not stick is
+/// taken as a fresh access.
+const MAX_FLAG_LOOKUPS: usize = 1 << 16;
 
 /// The idle page tracker.
 pub struct PageIdle {
     bitmap: File,
+    kpageflags: Option<File>,
     marked: bool,
     unmarkable: BitSet,
     /// Words of the bitmap for the chunks holding our PFNs, keyed by chunk.
@@ -88,7 +102,7 @@ impl PageIdle {
                 "{BITMAP} is absent (kernel without CONFIG_IDLE_PAGE_TRACKING)"
             ));
         }
-        if crate::tier::sys::euid() != 0 {
+        if sys::euid() != 0 {
             return Err("needs root (pagemap PFNs and the bitmap)".into());
         }
         OpenOptions::new()
@@ -111,10 +125,23 @@ impl PageIdle {
             })?;
         Ok(Self {
             bitmap,
+            kpageflags: File::open(KPAGEFLAGS).ok(),
             marked: false,
             unmarkable: BitSet::new(pages),
             words: Vec::new(),
         })
+    }
+
+    /// Whether `pfn` is on an LRU list (true when unknown).
+    fn on_lru(&self, pfn: u64) -> bool {
+        let Some(f) = &self.kpageflags else {
+            return true;
+        };
+        let mut b = [0u8; 8];
+        match f.read_exact_at(&mut b, pfn * 8) {
+            Ok(()) => u64::from_ne_bytes(b) & KPF_LRU != 0,
+            Err(_) => true,
+        }
     }
 
     /// Read every used chunk of `win` into `self.words`.
@@ -201,10 +228,9 @@ impl Tracker for PageIdle {
             sees_reads: true,
             evicts_to_measure: false,
             working_set: true,
-            detail:
-                "pagemap PFNs + page_idle bitmap: exact per-page access bits, no page moved to \
-                     measure; a TLB-cached translation can hide an access for one scan"
-                    .into(),
+            detail: "pagemap PFNs + page_idle bitmap: per-page access bits, no page moved to \
+                     measure; after marking it visits every CPU so stale TLB entries go"
+                .into(),
         }
     }
 
@@ -244,7 +270,7 @@ impl Tracker for PageIdle {
             res.record(pages, i, a);
         }
         if self.marked {
-            res.wss_bytes = Some(accessed * crate::tier::sys::page_size() as u64);
+            res.wss_bytes = Some(accessed * sys::page_size() as u64);
         }
 
         // 2. Mark every mapped page idle for the next interval.
@@ -260,13 +286,32 @@ impl Tracker for PageIdle {
             self.words[wi] |= 1 << bit;
         }
         self.write_window(&w)?;
+        // Point 4: make the target's threads reload their address space.
+        if let Err(e) = sys::visit_cpus() {
+            log::debug!("visiting CPUs after marking: {e}");
+        }
 
-        // 3. Read back: pages whose mark did not stick are unknown (point 3).
+        // 3. Read back (point 3). A mark that did not stick means either
+        //    that the page was touched again at once (the read-back clears
+        //    the flag of a page whose PTE is young) or that it sits in an
+        //    LRU-add batch; /proc/kpageflags (KPF_LRU) tells which.
         self.read_window(&mut w)?;
+        let mut lookups = 0usize;
         for (i, &e) in pagemap.iter().enumerate() {
             if let Some(pfn) = present_pfn(e) {
                 let (wi, bit) = w.locate(pfn);
-                if !w.readable(pfn) || self.words[wi] & (1 << bit) == 0 {
+                if !w.readable(pfn) {
+                    self.unmarkable.set(i, true);
+                    continue;
+                }
+                if self.words[wi] & (1 << bit) != 0 {
+                    continue;
+                }
+                // Did not stick: touched again at once (on the LRU, so the
+                // next read says "accessed" by itself), or not on the LRU
+                // yet (the mark was refused: unknown next time).
+                lookups += 1;
+                if lookups <= MAX_FLAG_LOOKUPS && !self.on_lru(pfn) {
                     self.unmarkable.set(i, true);
                 }
             }

@@ -352,3 +352,41 @@ pub unsafe fn drop_shared_view(addr: *mut u8, len: usize) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Run the calling thread briefly on every CPU it may use, then restore its
+/// affinity. Each visited CPU switches to this process's address space, so
+/// a thread of another process that resumes there reloads CR3, which (where
+/// the CPU or emulator does not tag TLB entries by PCID, as under TCG)
+/// drops the TLB entries that would hide accesses from idle page tracking.
+/// Returns the number of CPUs visited.
+pub fn visit_cpus() -> io::Result<usize> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is a valid value.
+    let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a valid, writable cpu_set_t of `size` bytes.
+    if unsafe { libc::sched_getaffinity(0, size, &mut all) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, so the bit lies inside `all`.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &all) })
+        .collect();
+    let mut visited = 0;
+    for c in cpus {
+        // SAFETY: as above, all zeroes is a valid cpu_set_t.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is below CPU_SETSIZE, so the bit lies inside `one`.
+        unsafe { libc::CPU_SET(c, &mut one) };
+        // SAFETY: `one` is a valid cpu_set_t of `size` bytes for the call.
+        if unsafe { libc::sched_setaffinity(0, size, &one) } == 0 {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+            visited += 1;
+        }
+    }
+    // SAFETY: `all` is the valid mask read above.
+    if unsafe { libc::sched_setaffinity(0, size, &all) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(visited)
+}
