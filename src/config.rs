@@ -341,6 +341,9 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub settings: Settings,
+    /// Without a subcommand, vublk runs the daemon.
+    #[command(subcommand)]
+    pub command: Option<crate::ops::cli::Command>,
 }
 
 /// What the daemon serves.
@@ -502,13 +505,27 @@ impl Config {
 
     /// Merges the flags over the config file and validates the result.
     pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        Self::load_with(args, None)
+    }
+
+    /// Socket activation: the vhost-user socket is the inherited listener
+    /// bound at `listening`, whatever `socket` says, and is not refused for
+    /// being in use (it is, by us).
+    pub fn load_activated(args: &Args, listening: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(args, Some(listening))
+    }
+
+    fn load_with(args: &Args, listening: Option<&Path>) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => read_file_config(path)?,
             None => Settings::default(),
         };
         let s = args.settings.over(file);
         let config = Config {
-            socket: s.socket.clone().ok_or(ConfigError::Missing("socket"))?,
+            socket: match listening {
+                Some(path) => path.to_owned(),
+                None => s.socket.clone().ok_or(ConfigError::Missing("socket"))?,
+            },
             disk: parse_disk(
                 s.disk.as_deref().ok_or(ConfigError::Missing("disk"))?,
                 s.size.map(|b| b.0),
@@ -529,7 +546,7 @@ impl Config {
             file: args.config.clone(),
             fault_file: s.fault_file.clone(),
         };
-        config.validate()?;
+        config.validate(listening.is_none())?;
         Ok(config)
     }
 
@@ -544,7 +561,7 @@ impl Config {
         Ok((qos_limits(&s)?, suspend_config(&s)?))
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, check_socket: bool) -> Result<(), ConfigError> {
         if self.num_queues == 0 || self.num_queues > MAX_NUM_QUEUES {
             return Err(invalid(
                 "num-queues",
@@ -579,7 +596,10 @@ impl Config {
                 ));
             }
         }
-        check_socket_path(&self.socket)
+        if check_socket {
+            check_socket_path(&self.socket)?;
+        }
+        Ok(())
     }
 }
 
@@ -794,6 +814,7 @@ mod tests {
     fn args(socket: &Path, disk: &str) -> Args {
         Args {
             config: None,
+            command: None,
             settings: Settings {
                 socket: Some(socket.to_owned()),
                 disk: Some(disk.to_string()),
@@ -1004,7 +1025,7 @@ mod tests {
         // SIGHUP: a changed file changes the live settings.
         fs::write(
             &cfg,
-            "disk = \"null:2G\"\nqos-iops = 100\nretry-interval = 2\n".to_string(),
+            "disk = \"null:2G\"\nqos-iops = 100\nretry-interval = 2\n",
         )
         .unwrap();
         let (qos, suspend) = Config::reload(&a).unwrap();

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod ops;
 pub mod qos;
 pub mod stats;
 pub mod storage;

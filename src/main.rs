@@ -12,7 +12,15 @@ use vublk::vhost_user::{BlkBackend, Server};
 use vublk::worker::DiskContext;
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(&args)?;
+    if let Some(command) = &args.command {
+        return Ok(vublk::ops::cli::run(command, &args)?);
+    }
+    // Socket activation: systemd passes the listening socket as fd 3.
+    let activated = vublk::ops::listen::take_listener()?;
+    let config = match &activated {
+        Some(a) => Config::load_activated(&args, &a.path)?,
+        None => Config::load(&args)?,
+    };
     let disk = Disk::open(&config.disk, config.cache, config.read_only)?;
     let g = disk.geometry();
     log::info!(
@@ -43,7 +51,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut server = Server::bind(&config.socket, backend)?;
+    let is_activated = activated.is_some();
+    let mut server = match activated {
+        Some(a) => Server::from_listener(a.listener, &a.path, backend)?,
+        None => Server::bind(&config.socket, backend)?,
+    };
+    // Socket permissions, control/metrics sockets, dropping root, seccomp
+    // and READY=1 for systemd.
+    let ops = vublk::ops::start(&config, &ctx, &mut server, is_activated)?;
     // SIGHUP: re-read the config file; QoS limits and suspension apply live.
     server.on_reload(Box::new(move || match Config::reload(&args) {
         Ok((qos, suspend)) => {
@@ -54,6 +69,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         Err(e) => log::error!("configuration not reloaded: {e}"),
     }));
     server.run()?;
+    drop(ops);
     drop(server);
     disk.sync().context("final flush of the disk")?;
     Ok(())

@@ -28,9 +28,22 @@ const EV_SIGNAL: u64 = 2;
 const EV_CONN: u64 = 3;
 const EV_RELOAD: u64 = 4;
 
+/// What [`Server::on_event`] observers hear (sd_notify STATUS=, stats).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    Listening,
+    Connected,
+    Disconnected,
+    Stopping,
+}
+
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
+    /// We bound the path, so we remove it; an inherited (socket-activated)
+    /// listener's path belongs to the service manager and outlives us.
+    owns_path: bool,
+    on_event: Option<Box<dyn FnMut(ServerEvent) + Send>>,
     backend: Arc<Mutex<BlkBackend>>,
     signals: UnixStream,
     hangups: UnixStream,
@@ -46,7 +59,9 @@ impl Server {
             path: path.to_owned(),
             source,
         })?;
-        Server::from_listener(listener, path, backend)
+        let mut server = Server::from_listener(listener, path, backend)?;
+        server.owns_path = true;
+        Ok(server)
     }
 
     /// Serves on a listener that is already bound (socket activation).
@@ -70,6 +85,8 @@ impl Server {
         let server = Server {
             listener,
             path: path.to_owned(),
+            owns_path: false,
+            on_event: None,
             backend: Arc::new(Mutex::new(backend)),
             signals,
             hangups,
@@ -127,8 +144,21 @@ impl Server {
         }
     }
 
+    /// Called from the thread that runs [`Server::run`] as frontends come
+    /// and go.
+    pub fn on_event(&mut self, f: Box<dyn FnMut(ServerEvent) + Send>) {
+        self.on_event = Some(f);
+    }
+
+    fn event(&mut self, e: ServerEvent) {
+        if let Some(f) = self.on_event.as_mut() {
+            f(e);
+        }
+    }
+
     /// Serves frontends until a termination signal arrives.
     pub fn run(&mut self) -> Result<(), ServerError> {
+        self.event(ServerEvent::Listening);
         loop {
             match self.wait()? {
                 EV_SIGNAL => break,
@@ -143,14 +173,17 @@ impl Server {
                 }
             };
             log::info!("frontend connected");
+            self.event(ServerEvent::Connected);
             let shutdown = self.serve(stream)?;
             self.lock_backend().disconnect();
+            self.event(ServerEvent::Disconnected);
             log::info!("frontend disconnected; waiting for the next one");
             if shutdown {
                 break;
             }
         }
         log::info!("shutting down");
+        self.event(ServerEvent::Stopping);
         Ok(())
     }
 
@@ -199,7 +232,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.lock_backend().disconnect();
-        let _ = fs::remove_file(&self.path);
+        if self.owns_path {
+            let _ = fs::remove_file(&self.path);
+        }
         // SAFETY: `epoll` is our own descriptor from epoll::create, closed
         // exactly once, here.
         unsafe { libc::close(self.epoll) };
