@@ -27,7 +27,10 @@ impl Uring {
         let ring = IoUring::builder()
             // Completions are reaped by the same thread that submits.
             .setup_single_issuer()
+            // No IPI per completion: the kernel queues completion work and
+            // raises IORING_SQ_TASKRUN, and `submit` runs it (see there).
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_cqsize(entries * 2)
             .build(entries)
             .or_else(|_| IoUring::builder().build(entries))?;
@@ -137,9 +140,18 @@ impl Uring {
         unsafe { self.push(e) }
     }
 
-    /// Submits queued entries without waiting.
+    /// Submits queued entries without waiting, and runs the kernel's pending
+    /// completion work so that its completions become visible. With
+    /// COOP_TASKRUN, block I/O completions wait as task work until this
+    /// thread enters the kernel: a queue thread that only spins on the rings
+    /// would not see them until it gave up polling.
     pub fn submit(&mut self) -> io::Result<()> {
-        if !self.ring.submission().is_empty() {
+        let pending = {
+            let sq = self.ring.submission();
+            !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+        };
+        if pending {
+            // The io-uring crate adds GETEVENTS when TASKRUN is raised.
             self.ring.submit()?;
         }
         Ok(())
