@@ -111,6 +111,8 @@ impl CallFd {
 /// What a queue thread needs from the control plane to start.
 pub struct QueueSetup {
     pub index: u16,
+    /// The configured largest queue size: seg_max is this minus 2.
+    pub max_queue_size: u16,
     pub queue: Queue,
     pub kick: File,
     pub call: Arc<CallFd>,
@@ -356,7 +358,10 @@ impl Worker {
                 size: geometry.size,
                 logical_block: geometry.logical_block,
                 read_only: ctx.disk.read_only(),
-                max_descriptors: size,
+                // Indirect tables may hold seg_max + 2 descriptors, which
+                // follows the largest queue we allow, not the one in use
+                // (QEMU defaults to 128 while we advertise seg_max 254).
+                max_descriptors: size.max(usize::from(setup.max_queue_size)),
             },
             table,
             stats: ctx.stats.queue(setup.index),

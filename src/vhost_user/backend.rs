@@ -141,16 +141,26 @@ impl BlkBackend {
     /// Forgets the frontend: stops every queue (their in-flight I/O
     /// completes first) and drops the guest memory mapping.
     pub fn disconnect(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_vring(i);
-        }
-        self.vrings = (0..self.num_queues).map(|_| Vring::default()).collect();
+        self.reset_rings();
         self.acked_features = 0;
         self.acked_protocol = 0;
         self.mappings.clear();
         self.inflight = None;
         // Keep the same handle (the tier release server holds it), empty.
         let _ = self.replace_memory(GuestMemoryMmap::new());
+        self.ctx.wce.store(true, Ordering::Relaxed);
+    }
+
+    /// A device reset: stops every queue and forgets the rings, but keeps
+    /// what belongs to the connection (memory table, in-flight region,
+    /// negotiated protocol features). QEMU resets the device when the guest
+    /// driver changes (firmware, then Linux) and does not resend the memory
+    /// table afterwards.
+    fn reset_rings(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_vring(i);
+        }
+        self.vrings = (0..self.num_queues).map(|_| Vring::default()).collect();
         self.ctx.wce.store(true, Ordering::Relaxed);
     }
 
@@ -238,6 +248,7 @@ impl BlkBackend {
         let kick = kick.try_clone().map_err(BackendError::Spawn)?;
         let setup = QueueSetup {
             index: index as u16,
+            max_queue_size: max,
             queue,
             kick,
             call: Arc::clone(&v.call),
@@ -286,12 +297,14 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn reset_owner(&mut self) -> VuResult<()> {
-        self.disconnect();
+        log::debug!("reset owner");
+        self.reset_rings();
         Ok(())
     }
 
     fn reset_device(&mut self) -> VuResult<()> {
-        self.disconnect();
+        log::debug!("reset device");
+        self.reset_rings();
         Ok(())
     }
 
@@ -547,6 +560,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             .insert_region(Arc::new(guest_region))
             .map_err(|e| BackendError::Mmap(e.to_string()))?;
         self.replace_memory(mem)?;
+        let (gpa, size, vmm) = (region.guest_phys_addr, region.memory_size, region.user_addr);
+        log::debug!("add memory region gpa {gpa:#x} size {size:#x} vmm {vmm:#x}");
         self.mappings.push(Mapping {
             vmm_addr: region.user_addr,
             size: region.memory_size,
@@ -562,6 +577,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             .remove_region(GuestAddress(region.guest_phys_addr), region.memory_size)
             .map_err(|e| BackendError::Mmap(e.to_string()))?;
         self.replace_memory(mem)?;
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        log::debug!("remove memory region gpa {gpa:#x} size {size:#x}");
         self.mappings.retain(|m| m.gpa != region.guest_phys_addr);
         Ok(())
     }
