@@ -266,7 +266,9 @@ impl Controller {
         for (i, &e) in self.pagemap.iter().enumerate() {
             self.present.set(i, e & PM_PRESENT != 0);
         }
-        Ok(self.target.residency(&mut self.resident)?)
+        Ok(self
+            .target
+            .residency_given(&self.present, &mut self.resident)?)
     }
 
     /// One scan and move pass.
@@ -539,7 +541,14 @@ impl Controller {
                         .iter()
                         .map(|&i| self.pagemap[i] & PM_PFN_MASK)
                         .collect();
-                    self.target.advise_pages(&cand, libc::MADV_PAGEOUT, stop)?;
+                    // Pages the target maps go through its pidfd; resident
+                    // pages it does not map (only vublk touched them, or they
+                    // were prefetched) through our own view.
+                    let (mapped, unmapped): (Vec<usize>, Vec<usize>) =
+                        cand.iter().partition(|&&i| self.present.get(i));
+                    self.target
+                        .advise_pages(&mapped, libc::MADV_PAGEOUT, stop)?;
+                    self.target.pageout_unmapped(&unmapped, stop)?;
                     self.target.residency(&mut self.resident)?;
                     self.target.read_pagemap(&mut self.pagemap)?;
                     for (&i, &pfn0) in cand.iter().zip(&before) {

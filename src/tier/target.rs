@@ -154,6 +154,38 @@ impl Target {
         Ok(n)
     }
 
+    /// Like [`Target::residency`], but pages the target maps (`present`)
+    /// are resident by definition, so `mincore` (the costlier call on an
+    /// unmapped file range) runs only on 2 MiB blocks with unmapped pages.
+    pub fn residency_given(
+        &self,
+        present: &BitSet,
+        out: &mut BitSet,
+    ) -> Result<usize, TargetError> {
+        const BLOCK: usize = 512;
+        let mut vec = [0u8; BLOCK];
+        let mut n = 0;
+        let mut first = 0;
+        while first < self.pages {
+            let cnt = BLOCK.min(self.pages - first);
+            if (first..first + cnt).all(|i| present.get(i)) {
+                (first..first + cnt).for_each(|i| out.set(i, true));
+                n += cnt;
+            } else {
+                self.view
+                    .mincore(first * self.page_size, &mut vec[..cnt])
+                    .map_err(io_err("mincore on the guest memory"))?;
+                for (k, &v) in vec[..cnt].iter().enumerate() {
+                    let r = v & 1 != 0 || present.get(first + k);
+                    out.set(first + k, r);
+                    n += r as usize;
+                }
+            }
+            first += cnt;
+        }
+        Ok(n)
+    }
+
     /// Read the pagemap entries of every page of the mapping into `out`.
     pub fn read_pagemap(&self, out: &mut Vec<u64>) -> Result<(), TargetError> {
         const CHUNK: usize = 1 << 15;
@@ -213,6 +245,35 @@ impl Target {
                 }
             })?;
             done += n as u64;
+        }
+        Ok(done)
+    }
+
+    /// Page out resident pages that the target does not map (so that
+    /// `process_madvise` on it cannot reach them: pages only vublk touched,
+    /// or prefetched ones) through this controller's own view of the file:
+    /// map them (MADV_POPULATE_READ, no data copied), MADV_PAGEOUT, then
+    /// MADV_DONTNEED whatever stayed, so that no page is left mapped here
+    /// (which would make it shared and block the next pageout through the
+    /// target). Returns the bytes advised.
+    pub fn pageout_unmapped(
+        &self,
+        pages: &[usize],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<u64, TargetError> {
+        let mut done = 0u64;
+        for (addr, len) in coalesce(pages, self.page_size, 0) {
+            if stop() {
+                break;
+            }
+            let r = self
+                .view
+                .madvise(addr, len, libc::MADV_POPULATE_READ)
+                .and_then(|()| self.view.madvise(addr, len, libc::MADV_PAGEOUT));
+            let cleanup = self.view.madvise(addr, len, libc::MADV_DONTNEED);
+            r.and(cleanup)
+                .map_err(io_err("paging out through the controller's own view"))?;
+            done += len as u64;
         }
         Ok(done)
     }
@@ -315,6 +376,11 @@ mod tests {
         assert_eq!(t.pages(), 64);
         let mut res = BitSet::new(64);
         assert_eq!(t.residency(&mut res).unwrap(), 32);
+        let mut present = BitSet::new(64);
+        (0..32).for_each(|i| present.set(i, true));
+        let mut res2 = BitSet::new(64);
+        assert_eq!(t.residency_given(&present, &mut res2).unwrap(), 32);
+        assert_eq!(res, res2);
         assert!(res.get(0) && res.get(31) && !res.get(32));
         let mut pm = Vec::new();
         t.read_pagemap(&mut pm).unwrap();
