@@ -375,6 +375,12 @@ kind = "zram"
     }
 
     #[test]
+    fn example_file_is_the_default_policy() {
+        let p = Policy::from_toml(include_str!("../../examples/tier-policy.toml")).unwrap();
+        assert_eq!(p, Policy::default());
+    }
+
+    #[test]
     fn numeric_interval_is_seconds() {
         let p = Policy::from_toml("scan_interval = 2.5").unwrap();
         assert_eq!(p.scan_interval.0, Duration::from_millis(2500));
