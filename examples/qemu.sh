@@ -20,6 +20,8 @@
 #   SMP           vCPUs (default NUM_QUEUES)
 #   MEM           guest RAM (default 1G). vhost-user needs guest RAM that the backend
 #                 can map: a memfd shared memory backend (share=on)
+#   MEM_PATH      a hugetlbfs mount: back guest RAM with huge pages there instead
+#                 (memory-backend-file,mem-path=...,share=on)
 #   KERNEL INITRD APPEND  direct kernel boot (optional). KERNEL may be an
 #                 uncompressed ELF vmlinux, which QEMU boots through PVH (fast)
 #   ACCEL         kvm, tcg or auto (default): kvm when /dev/kvm is usable and the
@@ -52,6 +54,12 @@ case $ACCEL in
     *) echo "qemu.sh: ACCEL must be kvm, tcg or auto" >&2; exit 2 ;;
 esac
 
+if [[ -n ${MEM_PATH:-} ]]; then
+    membackend="memory-backend-file,id=mem,size=$MEM,mem-path=$MEM_PATH,share=on"
+else
+    membackend="memory-backend-memfd,id=mem,size=$MEM,share=on"
+fi
+
 boot=()
 [[ -n ${KERNEL:-} ]] && boot+=(-kernel "$KERNEL")
 [[ -n ${INITRD:-} ]] && boot+=(-initrd "$INITRD")
@@ -62,7 +70,7 @@ exec "$QEMU" \
     -machine q35 "${accel[@]}" \
     -smp "$SMP" \
     -m "$MEM" \
-    -object memory-backend-memfd,id=mem,size="$MEM",share=on \
+    -object "$membackend" \
     -numa node,memdev=mem \
     -nodefaults -no-user-config -display none -no-reboot \
     -serial "$SERIAL" \

@@ -401,6 +401,9 @@ struct GuestParams {
     fio_size: &'static str,
     fio_rate: &'static str,
     fio_bs: &'static str,
+    mem: &'static str,
+    /// A hugetlbfs mount to back guest RAM with (memfd otherwise).
+    mem_path: Option<PathBuf>,
 }
 
 impl GuestParams {
@@ -431,6 +434,8 @@ impl GuestParams {
             fio_size: "128M",
             fio_rate: "0",
             fio_bs: "4k-128k",
+            mem: "1G",
+            mem_path: None,
         }
     }
 
@@ -503,7 +508,8 @@ impl Guest {
             .env("VUBLK_SOCKET", socket)
             .env("NUM_QUEUES", p.queues.to_string())
             .env("QUEUE_SIZE", p.queue_size.to_string())
-            .env("MEM", "1G")
+            .env("MEM", p.mem)
+            .env("MEM_PATH", p.mem_path.as_deref().unwrap_or(Path::new("")))
             .env("KERNEL", guest.join("vmlinux"))
             .env("INITRD", guest.join("initramfs.cpio.gz"))
             .env("APPEND", p.append())
@@ -767,6 +773,78 @@ fn writable_two_queues_verify_fs_discard() {
         |_| {},
         |_, _| {},
     );
+}
+
+/// Huge pages reserved and a hugetlbfs mounted for one scenario; both are
+/// given back on drop, even when the scenario fails.
+struct HugePages {
+    mount: PathBuf,
+    old_nr: String,
+}
+
+impl HugePages {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve(dir: &Path, pages: u64) -> Result<HugePages, String> {
+        let old_nr = std::fs::read_to_string(Self::NR).map_err(|e| e.to_string())?;
+        let want = old_nr.trim().parse::<u64>().unwrap_or(0) + pages;
+        std::fs::write(Self::NR, want.to_string()).map_err(|e| e.to_string())?;
+        let mount = dir.join("hugepages");
+        let _ = std::fs::create_dir_all(&mount);
+        let guard = HugePages { mount, old_nr };
+        let free = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if free < pages {
+            return Err(format!("only {free} huge pages could be reserved"));
+        }
+        let ok = Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "vublk-e2e-huge"])
+            .arg(&guard.mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("cannot mount hugetlbfs".into());
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = std::fs::write(Self::NR, self.old_nr.trim());
+    }
+}
+
+/// Guest RAM on hugetlbfs (`memory-backend-file,mem-path=...,share=on`)
+/// instead of a memfd: vublk maps it the same way and the data checks pass.
+#[test]
+fn hugetlbfs_guest_ram() {
+    let dir = work_dir("hugetlbfs-pages");
+    let huge = match HugePages::reserve(&dir, 264) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("SKIP: huge pages: {e}");
+            return;
+        }
+    };
+    let mount = huge.mount.clone();
+    scenario(
+        "hugetlbfs",
+        rw_disk(1),
+        "props,fio",
+        move |p| {
+            p.mem = "512M";
+            p.mem_path = Some(mount);
+            p.fio_size = "64M";
+        },
+        |_, _| {},
+    );
+    drop(huge);
 }
 
 /// Read-only disk: geometry and RO flag, the host's data reads back, writes fail.
