@@ -133,10 +133,18 @@ impl Server {
                     self.reload();
                     continue;
                 }
-                // A signal is reported as readable on the signal pipe.
+                // A signal is reported as readable on the signal pipe. It
+                // goes first, then the frontend being served: a frontend
+                // waiting on the (level-triggered) listener must not hide
+                // it, or `serve` spins on the listener forever.
                 Ok(n) => {
                     let tokens = events[..n].iter().map(|e| e.data);
-                    return Ok(tokens.min_by_key(|t| *t != EV_SIGNAL).unwrap_or(0));
+                    let rank = |t: &u64| match *t {
+                        EV_SIGNAL => 0,
+                        EV_CONN => 1,
+                        _ => 2,
+                    };
+                    return Ok(tokens.min_by_key(rank).unwrap_or(0));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServerError::Epoll(e)),
