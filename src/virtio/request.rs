@@ -245,6 +245,13 @@ impl Parser {
         req.iovecs.clear();
         self.segs.clear();
         let walked = self.walk(mem, table, head, limits.max_descriptors);
+        // A chain that could not be walked to its end (a loop, a bad link,
+        // a readable piece after writable ones) has no known status byte:
+        // the last writable byte seen so far may be the guest's data.
+        if let Err(e) = walked {
+            req.op = Err(e);
+            return req;
+        }
         // Locate the status byte first: even a bad request gets its error
         // status written when the chain has a place for it.
         let writable: u64 = self.stream_len(true);
@@ -697,6 +704,16 @@ mod tests {
         e.expect_err(req, err, Status::IoErr);
     }
 
+    /// A chain that cannot be walked to its end has no known status byte:
+    /// nothing may be written, not even into a writable piece seen so far.
+    fn unwalkable(e: &Env, req: &Request, err: RequestError) {
+        assert_eq!(req.op, Err(err));
+        assert_eq!(err.status(), Status::IoErr);
+        assert!(req.iovecs.is_empty());
+        assert!(!req.set_status(err.status()), "{err}: status located");
+        assert_eq!(e.status_byte(), 0xff);
+    }
+
     #[test]
     fn read_is_parsed_into_guest_iovecs() {
         let mut e = Env::new();
@@ -860,10 +877,10 @@ mod tests {
         assert_eq!(req.op, Err(RequestError::MalformedChain));
         assert!(!req.set_status(Status::IoErr), "no status seen yet");
 
-        // Out-of-range next after the status descriptor was seen: IOERR.
+        // Out-of-range next after a writable descriptor: still no status.
         e.table(&[(HDR, 16, R | NEXT, 1), (STATUS, 1, W | NEXT, 500)]);
         let req = e.parse();
-        io(&e, &req, RequestError::MalformedChain);
+        unwalkable(&e, &req, RequestError::MalformedChain);
 
         let status = (STATUS, 1, W, 0);
         // Nested indirect table.
@@ -890,7 +907,7 @@ mod tests {
             .unwrap();
         e.table(&[(INDIRECT_TABLE, 32, INDIRECT, 0)]);
         let req = e.parse();
-        io(&e, &req, RequestError::MalformedChain);
+        unwalkable(&e, &req, RequestError::MalformedChain);
     }
 
     #[test]
@@ -901,10 +918,10 @@ mod tests {
         e.table(&[(HDR, 16, R | NEXT, 1), (STATUS, 1, W | NEXT, 1)]);
         let req = e.parse();
         let n = usize::from(QSIZE) + 1;
-        io(&e, &req, RequestError::TooManyDescriptors(n));
+        unwalkable(&e, &req, RequestError::TooManyDescriptors(n));
         e.table(&[(STATUS, 1, W | NEXT, 0)]);
         let req = e.parse();
-        io(&e, &req, RequestError::TooManyDescriptors(n));
+        unwalkable(&e, &req, RequestError::TooManyDescriptors(n));
 
         // An indirect table with more entries than the queue holds.
         let mut descs = vec![(HDR, 16, R)];
@@ -912,7 +929,19 @@ mod tests {
         e.write_linked(INDIRECT_TABLE, &descs);
         e.table(&[(INDIRECT_TABLE, 16 * descs.len() as u32, INDIRECT, 0)]);
         let req = e.parse();
-        io(&e, &req, RequestError::TooManyDescriptors(n));
+        unwalkable(&e, &req, RequestError::TooManyDescriptors(n));
+        // Cut short after data descriptors: their last byte is guest data,
+        // not a status byte, and stays untouched.
+        let mut descs = vec![(HDR, 16, R)];
+        descs.extend((0..QSIZE).map(|i| (DATA + 512 * u64::from(i), 512, W)));
+        descs.push((STATUS, 1, W));
+        e.write_linked(INDIRECT_TABLE, &descs);
+        e.table(&[(INDIRECT_TABLE, 16 * descs.len() as u32, INDIRECT, 0)]);
+        let last = GuestAddress(DATA + 512 * u64::from(QSIZE) - 1);
+        e.mem.write_obj(0xccu8, last).unwrap();
+        let req = e.parse();
+        unwalkable(&e, &req, RequestError::TooManyDescriptors(n));
+        assert_eq!(e.mem.read_obj::<u8>(last).unwrap(), 0xcc);
         // Exactly the queue size is fine.
         let mut descs = vec![(HDR, 16, R)];
         descs.extend((2..QSIZE).map(|i| (DATA + 512 * u64::from(i), 512, W)));
@@ -931,7 +960,7 @@ mod tests {
         e.header(VIRTIO_BLK_T_OUT, 0);
         // Status (writable) before the data (readable).
         let req = e.chain(&[(HDR, 16, R), (STATUS, 1, W), (DATA, 512, R)]);
-        io(&e, &req, RequestError::WrongOrder);
+        unwalkable(&e, &req, RequestError::WrongOrder);
         // Read with device-readable data.
         e.header(VIRTIO_BLK_T_IN, 0);
         let req = e.chain(&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
