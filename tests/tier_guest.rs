@@ -19,15 +19,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use vublk::tier::maps::Selector;
 use vublk::tier::page_idle::PageIdle;
 use vublk::tier::pages::{Access, BitSet, PageTable};
 use vublk::tier::policy::{Bytes, Dur, Policy, TierSpec, TrackerChoice};
+use vublk::tier::status::Status;
 use vublk::tier::sys::{self, SharedMap};
 use vublk::tier::target::Target;
 use vublk::tier::tracker::{ScanInput, Tracker};
+use vublk::tier::zram::ZramSwap;
 use vublk::tier::{Controller, Options};
 
 const IN_GUEST: &str = "VUBLK_TIER_IN_GUEST";
@@ -123,7 +125,8 @@ echo "TIER-GUEST: booted $(uname -r)"
 if [ -e /sys/block/zram0 ]; then
     echo 128M > /sys/block/zram0/disksize && mkswap /dev/zram0 >/dev/null && swapon /dev/zram0
 fi
-VUBLK_TIER_IN_GUEST=1 /tier-test --exact page_idle_tracker_in_guest_kernel --nocapture --test-threads=1
+test=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^tier.test=//p')
+VUBLK_TIER_IN_GUEST=1 /tier-test --exact "$test" --nocapture --test-threads=1
 echo "TIER-GUEST-RC=$?"
 poweroff -f
 "#;
@@ -179,7 +182,7 @@ fn build_static() -> PathBuf {
             "test",
             "--no-run",
             "--test",
-            "tier_page_idle_guest",
+            "tier_guest",
             "--target",
             "x86_64-unknown-linux-gnu",
             "--message-format=json",
@@ -200,7 +203,7 @@ fn build_static() -> PathBuf {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "tier_page_idle_guest" {
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "tier_guest" {
             if let Some(exe) = v["executable"].as_str() {
                 return PathBuf::from(exe);
             }
@@ -226,107 +229,174 @@ fn gzip(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn host_side() {
-    let kernel = match find_kernel() {
-        Ok(k) => k,
-        Err(e) => return println!("SKIP {TEST_NAME}: {e}"),
-    };
-    let Some(qemu) = which("qemu-system-x86_64") else {
-        return println!(
-            "SKIP {TEST_NAME}: qemu-system-x86_64 not installed (tests/guest/deps.sh)"
-        );
-    };
-    let busybox = match find_busybox() {
-        Ok(b) => b,
-        Err(e) => return println!("SKIP {TEST_NAME}: {e}"),
-    };
-    let t0 = Instant::now();
-    let exe = build_static();
-    let build_time = t0.elapsed();
+/// What both guest tests need: the kernel, QEMU and an initramfs holding
+/// busybox and this binary built statically. Built once per test process.
+struct Prepared {
+    kernel: PathBuf,
+    qemu: PathBuf,
+    initrd: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
-    let mut cpio = Cpio::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp"] {
-        cpio.dir(d);
-    }
-    cpio.entry("dev/console", 0o020600, &[], (5, 1));
-    cpio.file("bin/busybox", &std::fs::read(&busybox).unwrap());
-    cpio.file("init", INIT.as_bytes());
-    cpio.file("tier-test", &std::fs::read(&exe).unwrap());
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initrd.cpio.gz");
-    std::fs::write(&initrd, gzip(&cpio.finish())).unwrap();
+static PREPARED: OnceLock<Result<Prepared, String>> = OnceLock::new();
+/// One TCG guest at a time: two cores have no room for two.
+static GUEST_LOCK: Mutex<()> = Mutex::new(());
 
-    let t1 = Instant::now();
-    let mut q = Command::new(qemu)
-        .args([
-            "-M",
-            "q35",
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "1G",
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting QEMU");
-    let stdout = q.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
+fn prepare() -> Result<&'static Prepared, String> {
+    PREPARED
+        .get_or_init(|| {
+            let kernel = find_kernel()?;
+            let qemu = which("qemu-system-x86_64")
+                .ok_or("qemu-system-x86_64 not installed (tests/guest/deps.sh)")?;
+            let busybox = find_busybox()?;
+            let t0 = Instant::now();
+            let exe = build_static();
+            println!(
+                "static build of the test binary: {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+            let mut cpio = Cpio::new();
+            for d in ["bin", "dev", "proc", "sys", "tmp"] {
+                cpio.dir(d);
             }
-        }
-    });
-    let mut log = Vec::new();
-    let mut rc: Option<i32> = None;
-    let deadline = Instant::now() + QEMU_TIMEOUT;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                let l = l.trim_end_matches('\r').to_string();
-                println!("guest| {l}");
-                if let Some(v) = l.strip_prefix("TIER-GUEST-RC=") {
-                    rc = v.trim().parse().ok();
+            cpio.entry("dev/console", 0o020600, &[], (5, 1));
+            cpio.file("bin/busybox", &std::fs::read(&busybox).unwrap());
+            cpio.file("init", INIT.as_bytes());
+            cpio.file("tier-test", &std::fs::read(&exe).unwrap());
+            let dir = tempfile::tempdir().unwrap();
+            let initrd = dir.path().join("initrd.cpio.gz");
+            std::fs::write(&initrd, gzip(&cpio.finish())).unwrap();
+            Ok(Prepared {
+                kernel,
+                qemu,
+                initrd,
+                _dir: dir,
+            })
+        })
+        .as_ref()
+        .map_err(|e| e.clone())
+}
+
+/// Lines of a guest's serial console, read on a thread.
+struct Serial {
+    rx: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Serial {
+    fn new(out: std::process::ChildStdout) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+                    break;
                 }
-                log.push(l);
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(_) => {}
-        }
-        if Instant::now() > deadline {
-            let _ = q.kill();
-            let _ = q.wait();
-            panic!("guest did not finish within {QEMU_TIMEOUT:?}");
+        });
+        Self {
+            rx,
+            log: Vec::new(),
         }
     }
-    let _ = q.wait();
-    println!(
-        "{TEST_NAME}: static build {:.1} s, guest run {:.1} s",
-        build_time.as_secs_f64(),
-        t1.elapsed().as_secs_f64()
+
+    /// The next line, or None when the guest is gone or `deadline` passed.
+    fn next(&mut self, deadline: Instant) -> Option<String> {
+        loop {
+            match self.rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    println!("guest| {l}");
+                    self.log.push(l.clone());
+                    return Some(l);
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(_) if Instant::now() > deadline => return None,
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Read until a line contains `text`; returns that line.
+    fn wait_for(&mut self, text: &str, deadline: Instant) -> String {
+        loop {
+            match self.next(deadline) {
+                Some(l) if l.contains(text) => return l,
+                Some(_) => {}
+                None => panic!("guest: no {text:?} before the deadline or the end"),
+            }
+        }
+    }
+
+    /// Read to the end; returns the in-guest test's exit code.
+    fn finish(&mut self, deadline: Instant) -> Option<i32> {
+        let mut rc = None;
+        while let Some(l) = self.next(deadline) {
+            if let Some(v) = l.strip_prefix("TIER-GUEST-RC=") {
+                rc = v.trim().parse().ok();
+            }
+        }
+        rc
+    }
+}
+
+/// A child killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn host_side() {
+    let p = match prepare() {
+        Ok(p) => p,
+        Err(e) => return println!("SKIP {TEST_NAME}: {e}"),
+    };
+    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t1 = Instant::now();
+    let mut q = Killed(
+        Command::new(&p.qemu)
+            .args([
+                "-M",
+                "q35",
+                "-accel",
+                "tcg,thread=multi",
+                "-cpu",
+                "max",
+                "-smp",
+                "2",
+                "-m",
+                "1G",
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ])
+            .arg("-kernel")
+            .arg(&p.kernel)
+            .arg("-initrd")
+            .arg(&p.initrd)
+            .args([
+                "-append",
+                &format!("console=ttyS0 panic=-1 quiet tier.test={TEST_NAME}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting QEMU"),
     );
+    let mut serial = Serial::new(q.0.stdout.take().unwrap());
+    let rc = serial.finish(Instant::now() + QEMU_TIMEOUT);
+    println!("{TEST_NAME}: guest run {:.1} s", t1.elapsed().as_secs_f64());
+    let log = &serial.log;
     assert!(
         log.iter().any(|l| l.contains("TIER-GUEST: booted")),
         "guest did not boot"
@@ -653,4 +723,282 @@ fn cpio_newc_layout() {
     assert_eq!(&out[112..115], b"xyz");
     assert_eq!(&out[116..122], b"070701");
     assert!(Path::new(env!("CARGO_MANIFEST_DIR")).is_dir());
+}
+
+// ------------------------------------------ a QEMU guest served by vublk
+
+const QEMU_TEST: &str = "qemu_guest_ram_moves_while_vublk_serves_disk";
+/// Guest memory the in-guest workload fills; a fifth of it stays hot.
+const WL_SIZE: usize = 384 << 20;
+/// Disk blocks the workload cycles through (4 KiB each).
+const WL_BLOCKS: u64 = 4096;
+
+/// The in-guest workload: fills WL_SIZE with a pattern, keeps every 5th page
+/// hot, writes, syncs and reads back disk blocks on /dev/vda (served by
+/// vublk) with the guest page cache dropped in between, and prints a tick
+/// every second. On "verify" from the console it checks every page.
+fn guest_workload() {
+    let ps = sys::page_size();
+    let pages = WL_SIZE / ps;
+    let file = sys::memfd_create("workload", WL_SIZE as u64).unwrap();
+    let map = Arc::new(SharedMap::new(file.as_fd(), WL_SIZE, 0, true).unwrap());
+    for p in 0..pages {
+        for w in words(ps) {
+            map.write_u64(p * ps + w * 8, pattern(p, w)).unwrap();
+        }
+    }
+    let errors = Arc::new(AtomicU64::new(0));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let ios = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (map, errors, rounds, stop) =
+            (map.clone(), errors.clone(), rounds.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                for p in (0..pages).filter(|&p| is_hot(p)) {
+                    if map.read_u64(p * ps).unwrap_or(0) != pattern(p, 0) {
+                        errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                rounds.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+    {
+        let (errors, ios, stop) = (errors.clone(), ios.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let disk = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/vda")
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    println!("WORKLOAD no disk: {e}");
+                    errors.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+            };
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let blk = (n * 7) % WL_BLOCKS;
+                let buf: Vec<u8> = (0..4096u64).map(|i| (i ^ n ^ (n >> 8)) as u8).collect();
+                let ok = disk.write_all_at(&buf, blk * 4096).is_ok() && disk.sync_data().is_ok();
+                let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+                let mut back = vec![0u8; 4096];
+                if !ok || disk.read_exact_at(&mut back, blk * 4096).is_err() || back != buf {
+                    errors.fetch_add(1, Ordering::SeqCst);
+                }
+                ios.fetch_add(1, Ordering::SeqCst);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    }
+    {
+        let (errors, rounds, ios) = (errors.clone(), rounds.clone(), ios.clone());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            println!(
+                "WORKLOAD tick rounds={} ios={} errors={}",
+                rounds.load(Ordering::SeqCst),
+                ios.load(Ordering::SeqCst),
+                errors.load(Ordering::SeqCst)
+            );
+        });
+    }
+    println!(
+        "WORKLOAD READY {} MiB, hot every {HOT_EVERY}th page",
+        WL_SIZE >> 20
+    );
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "verify" {
+            break;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut bad = 0usize;
+    for p in 0..pages {
+        for w in words(ps) {
+            bad += (map.read_u64(p * ps + w * 8).unwrap_or(0) != pattern(p, w)) as usize;
+        }
+    }
+    let errs = errors.load(Ordering::SeqCst);
+    println!(
+        "WORKLOAD VERIFY {} bad_words={bad} errors={errs} ios={}",
+        if bad == 0 && errs == 0 { "OK" } else { "FAIL" },
+        ios.load(Ordering::SeqCst)
+    );
+    assert!(bad == 0 && errs == 0);
+    println!("TIER-GUEST-PASS");
+}
+
+fn qemu_host_side() {
+    let p = match prepare() {
+        Ok(p) => p,
+        Err(e) => return println!("SKIP {QEMU_TEST}: {e}"),
+    };
+    if sys::euid() != 0 {
+        return println!("SKIP {QEMU_TEST}: not root");
+    }
+    if let Err(e) = ZramSwap::check() {
+        return println!("SKIP {QEMU_TEST}: {e}");
+    }
+    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let zram = ZramSwap::create(1 << 30, 32767).expect("zram");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vublk.sock");
+    let tier_sock = dir.path().join("tier.sock");
+    let _vublk = Killed(
+        Command::new(env!("CARGO_BIN_EXE_vublk"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--disk")
+            .arg(dir.path().join("disk.img"))
+            .args(["--size", "64M", "--poll-us", "0"])
+            .arg("--tier-socket")
+            .arg(&tier_sock)
+            .spawn()
+            .expect("starting vublk"),
+    );
+    let t0 = Instant::now();
+    while !(sock.exists() && tier_sock.exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "vublk did not create its sockets"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut q = Killed(
+        Command::new(manifest_dir().join("examples/qemu.sh"))
+            .env("VUBLK_SOCKET", &sock)
+            .env("KERNEL", &p.kernel)
+            .env("INITRD", &p.initrd)
+            .env(
+                "APPEND",
+                format!("console=ttyS0 panic=-1 quiet tier.test={QEMU_TEST}"),
+            )
+            .env("MEM", "1G")
+            .env("SMP", "2")
+            .env("ACCEL", "tcg")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting QEMU through examples/qemu.sh"),
+    );
+    let qpid = q.0.id() as i32;
+    let mut console = q.0.stdin.take().unwrap();
+    let mut serial = Serial::new(q.0.stdout.take().unwrap());
+    let deadline = Instant::now() + QEMU_TIMEOUT;
+    serial.wait_for("WORKLOAD READY", deadline);
+    serial.wait_for("WORKLOAD tick", deadline);
+    let rss0 = vublk::tier::target::rss_bytes(qpid).unwrap_or(0);
+
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "scan_interval = \"250ms\"\ncold_age = 2\nmax_move_rate = \"1GiB\"\nprobe_sample = 0.25\n\
+         refault_budget = \"1GiB\"\npsi_limit = 0\n[[tiers]]\nkind = \"zram\"\n",
+    )
+    .unwrap();
+    let status = dir.path().join("status.json");
+    let mut ctl = Killed(
+        Command::new(env!("CARGO_BIN_EXE_vublk-tier"))
+            .args(["--pid", &qpid.to_string(), "--policy"])
+            .arg(&policy)
+            .arg("--status")
+            .arg(&status)
+            .arg("--vublk-socket")
+            .arg(&tier_sock)
+            .spawn()
+            .expect("starting vublk-tier"),
+    );
+    // Let it work for up to 40 s, until QEMU's RSS fell by 250 MiB, while
+    // the guest keeps ticking.
+    let t1 = Instant::now();
+    let mut last_tick = String::new();
+    while t1.elapsed() < Duration::from_secs(40) {
+        if let Some(l) = serial.next(deadline) {
+            if l.contains("WORKLOAD tick") {
+                assert!(l.ends_with("errors=0"), "workload errors: {l}");
+                last_tick = l;
+            }
+        }
+        let rss = vublk::tier::target::rss_bytes(qpid).unwrap_or(0);
+        if rss0.saturating_sub(rss) >= 250 << 20 && t1.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let rss1 = vublk::tier::target::rss_bytes(qpid).unwrap_or(0);
+    // The guest keeps running with its memory moved out.
+    let t2 = Instant::now();
+    while t2.elapsed() < Duration::from_secs(3) {
+        if let Some(l) = serial.next(deadline) {
+            if l.contains("WORKLOAD tick") {
+                assert!(l.ends_with("errors=0"), "workload errors: {l}");
+                last_tick = l;
+            }
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &ctl.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let code = ctl.0.wait().unwrap();
+    assert!(code.success(), "vublk-tier: {code}");
+    let st = Status::read(&status).unwrap();
+    writeln!(console, "verify").unwrap();
+    console.flush().unwrap();
+    let v = serial.wait_for("WORKLOAD VERIFY", deadline);
+    let rc = serial.finish(deadline);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{QEMU_TEST}: QEMU RSS {:.0} -> {:.0} MiB (saved {:.0} MiB) in {:.1} s; {} scans, moved {:.0} MiB, \
+         refaulted {:.0} MiB ({:.1} MiB/s), skipped {} pages, {} vublk releases ({:.0} MiB), \
+         last scan {:.1} ms/GiB; {last_tick}; zram holds {:.0} MiB",
+        mib(rss0),
+        mib(rss1),
+        mib(rss0.saturating_sub(rss1)),
+        t1.elapsed().as_secs_f64(),
+        st.scans,
+        mib(st.bytes.moved_total),
+        mib(st.bytes.refaulted_total),
+        st.bytes.refaulted_total as f64 / (1 << 20) as f64 / t1.elapsed().as_secs_f64(),
+        st.pages_skipped_total,
+        st.release.requests,
+        mib(st.release.released_bytes_total),
+        st.time.scan_ms_per_gib,
+        mib(zram.stored_bytes())
+    );
+    assert!(v.contains("WORKLOAD VERIFY OK"), "{v}");
+    assert_eq!(rc, Some(0));
+    assert!(
+        st.release.requests >= 1 && st.release.failures == 0,
+        "{:?}",
+        st.release
+    );
+    assert!(
+        rss0.saturating_sub(rss1) >= 200 << 20,
+        "QEMU RSS {rss0} -> {rss1}: less than 200 MiB saved"
+    );
+    drop(q);
+    drop(zram);
+}
+
+#[test]
+fn qemu_guest_ram_moves_while_vublk_serves_disk() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    if std::env::var_os(IN_GUEST).is_some() {
+        guest_workload();
+    } else {
+        qemu_host_side();
+    }
 }
