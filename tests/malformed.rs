@@ -601,6 +601,12 @@ fn bad_requests_get_ioerr_or_unsupp() {
     dev.expect(&[(HDR, 32, R), st], UNSUPP, 1, "write-zeroes reserved flag");
     dev.segment(HDR + 16, last, 1, 0);
     dev.expect(&[(HDR, 32, R), st], IOERR, 1, "write-zeroes past the end");
+    // Empty ranges are no-ops, not errors.
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        dev.header(kind, 0);
+        dev.segment(HDR + 16, 44, 0, 0);
+        dev.expect(&[(HDR, 32, R), st], OK, 1, "empty discard/write-zeroes");
+    }
 
     // Good ones in odd framings: segment in its own descriptor, header
     // split in two, data and status in one descriptor, all indirect.
