@@ -21,7 +21,7 @@
 
 use crate::tier::maps::Selector;
 use crate::tier::pages::{Access, BitSet, PageTable};
-use crate::tier::policy::Policy;
+use crate::tier::policy::{Policy, TrackerChoice};
 use crate::tier::release;
 use crate::tier::status::{ReleaseStats, Status, StatusError};
 use crate::tier::sys;
@@ -92,6 +92,8 @@ pub struct MoveReport {
     pub cold_hinted: u64,
     /// Pages paged out and faulted back before the pass ended (hot).
     pub refaulted: u64,
+    /// Of those, pages that had been moved and faulted back before.
+    pub refaulted_again: u64,
 }
 
 /// The controller.
@@ -283,10 +285,16 @@ impl Controller {
         self.read_state()?;
 
         // 2. Pages we moved out.
+        // The probe's first eviction of a page is a measurement: its
+        // refault is the probe's cost, not a policy mistake, and does not
+        // count against the refault budget.
+        let probing = self.tracker.capabilities().evicts_to_measure;
         let mut refaults: Vec<usize> = Vec::new();
+        let mut budgeted = 0u64;
         let out: Vec<usize> = self.pages.out.ones().collect();
         for i in out {
             if self.present.get(i) {
+                budgeted += (!probing || self.pages.streak(i) > 0) as u64;
                 self.pages.refault(i);
                 refaults.push(i);
             } else if self.resident.get(i) {
@@ -296,7 +304,22 @@ impl Controller {
             }
         }
 
-        // 3. The tracker.
+        // 3. The tracker. An automatic choice that fell back to the
+        //    report-only estimate (no swap at start) is made again once a
+        //    swap tier appears.
+        if self.opts.policy.tracker == TrackerChoice::Auto && !self.tracker.capabilities().per_page
+        {
+            if let Ok(t) = tracker::select(TrackerChoice::Auto, &self.target) {
+                if t.capabilities().per_page {
+                    log::info!("switching to tracker {}", t.capabilities().name);
+                    self.status.tracker = Some(t.capabilities());
+                    self.status.trackers = tracker::availability(self.opts.pid);
+                    self.wss = (!t.capabilities().working_set && self.opts.policy.wss_every > 0)
+                        .then(|| Wss::for_target(&self.target));
+                    self.tracker = t;
+                }
+            }
+        }
         let r = self.tracker.scan(ScanInput {
             target: &self.target,
             pagemap: &self.pagemap,
@@ -320,9 +343,9 @@ impl Controller {
 
         // 4. Adapt.
         let ps = self.target.page_size() as u64;
-        let refault_rate =
-            ((refaults.len() as u64 + self.carried_refaults) * ps) as f64 / dt.as_secs_f64();
-        self.adapt_cold_age(refault_rate);
+        let refault_rate = (refaults.len() as u64 * ps) as f64 / dt.as_secs_f64();
+        let budget_rate = ((budgeted + self.carried_refaults) * ps) as f64 / dt.as_secs_f64();
+        self.adapt_cold_age(budget_rate);
         let prefetched = self.prefetch_hot_blocks(&refaults, stop)?;
 
         // 5. Move.
@@ -332,7 +355,11 @@ impl Controller {
         let mv = self.move_pass(stop)?;
         let move_time = m0.elapsed();
         let move_cpu = sys::thread_cpu_time().saturating_sub(mc0);
-        self.carried_refaults = mv.refaulted;
+        self.carried_refaults = if probing {
+            mv.refaulted_again
+        } else {
+            mv.refaulted
+        };
 
         // 6. Status.
         let st = &mut self.status;
@@ -559,6 +586,7 @@ impl Controller {
                             rep.paged_out += 1;
                         } else if pfn0 != 0 && pfn1 != 0 && pfn0 != pfn1 {
                             // Moved, and faulted back already (a new page).
+                            rep.refaulted_again += (self.pages.streak(i) > 0) as u64;
                             self.pages.refault(i);
                             self.on_slow.set(i, false);
                             rep.paged_out += 1;
