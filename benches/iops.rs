@@ -100,6 +100,8 @@ struct Opts {
     rws: Vec<Rw>,
     disks: Vec<DiskKind>,
     file_size: u64,
+    /// An existing file or block device to use instead of a fresh file.
+    file: Option<PathBuf>,
     backends: Vec<Backend>,
     vublk_args: Vec<String>,
 }
@@ -117,6 +119,9 @@ usage: cargo bench --bench iops -- [options]
   --rw read,write    random reads and/or random writes
   --disk null,file   backing disks
   --file-size MiB    size of the data file (default 1024)
+  --file PATH        use this existing file or block device for the file runs
+                     (e.g. a loop device for a fast one); --rw write
+                     overwrites its contents
   --only vublk,qsd   backends to run (names, see --extra)
   --vublk BIN        vublk binary (default: the one built for this bench)
   --vublk-arg ARG    extra argument for every vublk daemon (repeatable)
@@ -139,6 +144,7 @@ fn parse_opts() -> Res<Opts> {
         rws: vec![Rw::Read, Rw::Write],
         disks: vec![DiskKind::Null, DiskKind::File],
         file_size: 1 << 30,
+        file: None,
         backends: Vec::new(),
         vublk_args: Vec::new(),
     };
@@ -193,6 +199,7 @@ fn parse_opts() -> Res<Opts> {
                 let mib: u64 = val()?.parse().map_err(err("--file-size"))?;
                 o.file_size = mib.max(16) << 20;
             }
+            "--file" => o.file = Some(PathBuf::from(val()?)),
             "--only" => only = Some(val()?.split(',').map(str::to_owned).collect()),
             "--vublk" => vublk = PathBuf::from(val()?),
             "--vublk-arg" => o.vublk_args.push(val()?),
@@ -262,10 +269,16 @@ impl Daemon {
                     DiskSpec::Null => {
                         format!("driver=null-co,node-name=n,size={NULL_SIZE},read-zeroes=on")
                     }
-                    DiskSpec::File(p) => format!(
-                        "driver=file,node-name=n,filename={},cache.direct=on,aio=io_uring",
-                        p.display()
-                    ),
+                    DiskSpec::File(p) => {
+                        use std::os::unix::fs::FileTypeExt;
+                        let dev =
+                            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device());
+                        format!(
+                            "driver={},node-name=n,filename={},cache.direct=on,aio=io_uring",
+                            if dev { "host_device" } else { "file" },
+                            p.display()
+                        )
+                    }
                 };
                 c.arg("--blockdev")
                     .arg(blockdev)
@@ -881,6 +894,11 @@ fn run(o: &Opts, stop: &AtomicBool) -> Res<()> {
     for &disk in &o.disks {
         let spec = match disk {
             DiskKind::Null => DiskSpec::Null,
+            DiskKind::File if o.file.is_some() => {
+                let p = o.file.clone().unwrap_or_default();
+                println!("\ndata file {} (given)", p.display());
+                DiskSpec::File(p)
+            }
             DiskKind::File => {
                 let p = tmp.path().join("data.img");
                 if on_tmpfs(tmp.path()) {
