@@ -165,7 +165,8 @@ impl Suspension {
         let Some(cmd) = self.config().alarm_command.clone() else {
             return;
         };
-        let spawned = Command::new("/bin/sh")
+        let mut command = Command::new("/bin/sh");
+        command
             .arg("-c")
             .arg(&cmd)
             .env("VUBLK_EVENT", event)
@@ -178,16 +179,11 @@ impl Suspension {
                 "VUBLK_DURATION_S",
                 format!("{:.3}", info.duration.as_secs_f64()),
             )
-            .stdin(Stdio::null())
-            .spawn();
-        match spawned {
-            // Reap it off the queue thread so it leaves no zombie.
-            Ok(mut child) => {
-                let _ = std::thread::Builder::new()
-                    .name("vublk-alarm".into())
-                    .spawn(move || child.wait());
-            }
-            Err(e) => log::error!("cannot run alarm command `{cmd}`: {e}"),
+            .stdin(Stdio::null());
+        // From a thread outside the seccomp sandbox (a command would inherit
+        // the queue thread's filter), which also reaps it.
+        if let Err(e) = crate::ops::seccomp::spawn_detached(command) {
+            log::error!("cannot run alarm command `{cmd}`: {e}");
         }
     }
 }

@@ -137,6 +137,8 @@ impl WorkerHandle {
         let worker_stop = stop.try_clone()?;
         let name = format!("vublk-q{}", setup.index);
         let thread = thread::Builder::new().name(name).spawn(move || {
+            // Narrow the inherited listener filter to the queue workers' list.
+            crate::ops::seccomp::enter_worker();
             let index = setup.index;
             match Worker::new(setup, ctx, worker_stop) {
                 Ok(mut w) => {

@@ -37,11 +37,21 @@ fn child_entry() {
         _ => SeccompMode::Kill,
     };
     let kind = match kind {
-        "worker" => ThreadKind::Worker,
+        "worker" | "worker:open" => ThreadKind::Worker,
         "control" => ThreadKind::Control,
         _ => ThreadKind::Listener,
     };
     install(kind, mode).unwrap();
+    if spec.ends_with(":open") {
+        // Refused, not fatal: glibc's malloc may open this one lazily.
+        let path = c"/proc/sys/vm/overcommit_memory";
+        // SAFETY: a NUL-terminated path; the result is only inspected.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+        let err = std::io::Error::last_os_error().raw_os_error();
+        println!("open = {fd} errno {err:?}");
+        // SAFETY: ends the child at once, as planned.
+        unsafe { libc::_exit(0) };
+    }
     let msg = b"allowed write\n";
     // SAFETY: plain syscalls on our own stdout and a new descriptor.
     unsafe {
@@ -62,6 +72,14 @@ fn a_forbidden_syscall_kills_the_process_with_sigsys() {
         assert!(stdout.contains("allowed write"), "{kind}: {stdout}");
         assert!(!stdout.contains("survived"), "{kind}: {stdout}");
     }
+    // openat is refused with EACCES in queue threads, not fatal.
+    let out = child("kill", "worker:open");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("open = -1 errno Some({})", libc::EACCES)),
+        "{text}"
+    );
     // Log mode lets it through (and logs it to the audit/kernel log).
     let out = child("log", "worker");
     assert!(out.status.success(), "{out:?}");

@@ -13,7 +13,7 @@
 //!
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -97,27 +97,26 @@ impl ControlServer {
 
     /// Serves on a thread of its own (under the control seccomp filter).
     pub fn spawn(self, state: Arc<OpsState>) -> Result<(), ControlError> {
-        thread::Builder::new()
+        let epoll = epoll::create(true).map_err(ControlError::Spawn)?;
+        let spawned = thread::Builder::new()
             .name("vublk-control".into())
             .spawn(move || {
                 if let Err(e) = seccomp::enter(seccomp::ThreadKind::Control) {
                     log::error!("control thread: {e}");
                     return;
                 }
-                if let Err(e) = self.serve(&state) {
+                if let Err(e) = self.serve_on(epoll, &state) {
                     log::error!("control socket {}: {e}", self.path.display());
                 }
-            })
-            .map(|_| ())
-            .map_err(ControlError::Spawn)
-    }
-
-    fn serve(&self, state: &OpsState) -> io::Result<()> {
-        let epoll = epoll::create(true)?;
-        let result = self.serve_on(epoll, state);
-        // SAFETY: our own epoll descriptor, closed once.
-        unsafe { libc::close(epoll) };
-        result
+                // SAFETY: our own epoll descriptor, closed once, here.
+                unsafe { libc::close(epoll) };
+            });
+        if let Err(e) = spawned {
+            // SAFETY: the thread that would own it never started.
+            unsafe { libc::close(epoll) };
+            return Err(ControlError::Spawn(e));
+        }
+        Ok(())
     }
 
     fn serve_on(&self, epoll: i32, state: &OpsState) -> io::Result<()> {
@@ -131,7 +130,7 @@ impl ControlServer {
             )
         };
         add(self.listener.as_raw_fd(), LISTENER)?;
-        let mut clients: HashMap<u64, Client> = HashMap::new();
+        let mut clients: BTreeMap<u64, Client> = BTreeMap::new();
         let mut next_token = 1u64;
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 16];
         loop {

@@ -108,7 +108,10 @@ pub fn start(
     // filter: it covers both kinds (see `seccomp`).
     seccomp::enter(seccomp::ThreadKind::Listener)?;
     if let Some(n) = &notifier {
-        n.ready(&state.status_line())?;
+        // A manager that cannot be told is no reason not to serve.
+        if let Err(e) = n.ready(&state.status_line()) {
+            log::warn!("{e}");
+        }
     }
     Ok(Ops { state, notifier })
 }

@@ -25,7 +25,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::config::SeccompMode;
 
@@ -79,6 +82,7 @@ mod sys {
         clone => SYS_clone,
         clone3 => SYS_clone3,
         close => SYS_close,
+        connect => SYS_connect,
         epoll_ctl => SYS_epoll_ctl,
         epoll_pwait => SYS_epoll_pwait,
         eventfd2 => SYS_eventfd2,
@@ -118,10 +122,13 @@ mod sys {
         rt_sigreturn => SYS_rt_sigreturn,
         sched_getaffinity => SYS_sched_getaffinity,
         sched_yield => SYS_sched_yield,
+        seccomp => SYS_seccomp,
         sendmsg => SYS_sendmsg,
         sendto => SYS_sendto,
         set_robust_list => SYS_set_robust_list,
+        setsockopt => SYS_setsockopt,
         sigaltstack => SYS_sigaltstack,
+        socket => SYS_socket,
         statx => SYS_statx,
         tgkill => SYS_tgkill,
         unlinkat => SYS_unlinkat,
@@ -138,149 +145,162 @@ mod sys {
 
 type List = &'static [(&'static str, i64)];
 
-/// Queue workers: the io_uring data path, eventfds, guest memory already
-/// mapped, thread start and exit.
-pub const WORKER: List = syscalls!(
+/// Every confined thread: memory allocation, locks, logging to stderr,
+/// dropping descriptors, signal return, thread exit. brk, mremap and
+/// sched_yield were not seen under the test suite but the allocator and
+/// std may use them at any time: killing the daemon for them would be a bug.
+/// (fcntl: debug builds check a descriptor with F_GETFD before closing it.)
+pub const BASE: List = syscalls!(
     brk,
+    close,
     exit,
+    exit_group,
+    fcntl,
     futex,
-    io_uring_enter,
-    io_uring_register,
-    io_uring_setup,
+    getpid,
+    gettid,
     madvise,
     mmap,
+    mprotect,
+    mremap,
     munmap,
-    read,
-    rseq,
-    sched_getaffinity,
-    set_robust_list,
+    rt_sigprocmask,
+    rt_sigreturn,
+    sched_yield,
     sigaltstack,
     write,
 );
 
+/// Queue workers, after [`enter_worker`]: their io_uring, the eventfds.
+pub const WORKER: List = syscalls!(io_uring_enter, io_uring_register, io_uring_setup, read);
+
 /// The vhost-user listener: accept a frontend, vhost-user messages with
-/// fds (recvmsg/sendmsg), map guest memory and the in-flight region,
-/// start and stop queue threads, signal pipe, final flush and socket unlink.
+/// descriptors (recvmsg/sendmsg), the in-flight memfd, queue threads
+/// started (clone3 and what a new thread does before narrowing its
+/// filter, seccomp included), signal pipes, SIGHUP's config re-read, sd_notify (sendto), the final flush, removing
+/// the socket, and waking the tier release thread (an AF_UNIX socket).
 #[cfg(target_arch = "x86_64")]
 pub const LISTENER: List = syscalls!(
     accept4,
-    brk,
     clone3,
-    close,
+    connect,
     epoll_ctl,
     epoll_wait,
     eventfd2,
-    exit_group,
-    fcntl,
     fdatasync,
-    fstat,
-    fsync,
     ftruncate,
-    futex,
-    madvise,
     memfd_create,
-    mmap,
-    mprotect,
-    munmap,
+    openat,
     prctl,
     read,
+    recvfrom,
     recvmsg,
-    rt_sigprocmask,
-    rt_sigreturn,
+    rseq,
+    sched_getaffinity,
+    seccomp,
     sendmsg,
     sendto,
+    set_robust_list,
+    socket,
+    statx,
     unlink,
-    write,
 );
 #[cfg(not(target_arch = "x86_64"))]
 pub const LISTENER: List = syscalls!(
     accept4,
-    brk,
     clone3,
-    close,
+    connect,
     epoll_ctl,
     epoll_pwait,
     eventfd2,
-    exit_group,
-    fcntl,
     fdatasync,
-    fstat,
-    fsync,
     ftruncate,
-    futex,
-    madvise,
     memfd_create,
-    mmap,
-    mprotect,
-    munmap,
+    openat,
     prctl,
     read,
+    recvfrom,
     recvmsg,
-    rt_sigprocmask,
-    rt_sigreturn,
+    rseq,
+    sched_getaffinity,
+    seccomp,
     sendmsg,
     sendto,
+    set_robust_list,
+    socket,
+    statx,
     unlinkat,
-    write,
 );
 
-/// Control socket, metrics and notify threads: accept, read a request,
-/// write an answer, sleep.
+/// Control socket, metrics and sd_notify threads: accept a client, read a
+/// request, write an answer (with a send timeout), sleep.
 #[cfg(target_arch = "x86_64")]
 pub const CONTROL: List = syscalls!(
     accept4,
-    brk,
     clock_nanosleep,
-    close,
     epoll_ctl,
     epoll_wait,
-    futex,
-    madvise,
-    mmap,
-    munmap,
     read,
     recvfrom,
     sendto,
-    write,
+    setsockopt,
 );
 #[cfg(not(target_arch = "x86_64"))]
 pub const CONTROL: List = syscalls!(
     accept4,
-    brk,
     clock_nanosleep,
-    close,
     epoll_ctl,
     epoll_pwait,
-    futex,
-    madvise,
-    mmap,
-    munmap,
     read,
     recvfrom,
     sendto,
-    write,
+    setsockopt,
 );
 
-/// The syscall names a thread of `kind` may make (the listener's includes
+/// Syscalls a confined thread is refused with EACCES rather than killed
+/// for: glibc's malloc reads /proc/sys/vm/overcommit_memory once, lazily,
+/// from whichever thread first shrinks an arena, and copes with failing to.
+/// (The listener may open files: SIGHUP re-reads the config file.)
+pub const REFUSED: List = syscalls!(openat);
+
+fn refused(kind: ThreadKind) -> List {
+    match kind {
+        ThreadKind::Listener => &[],
+        ThreadKind::Worker | ThreadKind::Control => REFUSED,
+    }
+}
+
+fn lists(kind: ThreadKind) -> &'static [List] {
+    match kind {
+        ThreadKind::Listener => &[BASE, LISTENER, WORKER],
+        ThreadKind::Worker => &[BASE, WORKER],
+        ThreadKind::Control => &[BASE, CONTROL],
+    }
+}
+
+/// The syscall names a thread of `kind` may make (the listener's include
 /// the workers', which it passes on).
 pub fn allowed(kind: ThreadKind) -> Vec<&'static str> {
-    let mut names: Vec<&'static str> = match kind {
-        ThreadKind::Listener => LISTENER.iter().chain(WORKER.iter()).map(|s| s.0).collect(),
-        ThreadKind::Worker => WORKER.iter().map(|s| s.0).collect(),
-        ThreadKind::Control => CONTROL.iter().map(|s| s.0).collect(),
-    };
+    let mut names: Vec<&'static str> = lists(kind)
+        .iter()
+        .flat_map(|l| l.iter().map(|s| s.0))
+        .collect();
     names.sort_unstable();
     names.dedup();
     names
 }
 
+/// The syscall names a thread of `kind` gets EACCES for.
+pub fn refused_names(kind: ThreadKind) -> Vec<&'static str> {
+    refused(kind).iter().map(|s| s.0).collect()
+}
+
 fn numbers(kind: ThreadKind) -> Vec<i64> {
-    let lists: &[List] = match kind {
-        ThreadKind::Listener => &[LISTENER, WORKER],
-        ThreadKind::Worker => &[WORKER],
-        ThreadKind::Control => &[CONTROL],
-    };
-    lists.iter().flat_map(|l| l.iter().map(|s| s.1)).collect()
+    lists(kind)
+        .iter()
+        .chain(std::iter::once(&refused(kind)))
+        .flat_map(|l| l.iter().map(|s| s.1))
+        .collect()
 }
 
 fn target_arch() -> Result<TargetArch, SeccompError> {
@@ -296,12 +316,23 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Kill => SeccompAction::KillProcess,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        numbers(kind).into_iter().map(|n| (n, Vec::new())).collect();
     let build = |message: String| SeccompError::Build {
         kind: kind.name(),
         message,
     };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        numbers(kind).into_iter().map(|n| (n, Vec::new())).collect();
+    if let Some(r) = rules.get_mut(&sys::socket) {
+        // Unix sockets only: no network from a confined thread.
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .map_err(|e| build(e.to_string()))?;
+        *r = vec![SeccompRule::new(vec![unix]).map_err(|e| build(e.to_string()))?];
+    }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
         .map_err(|e| build(e.to_string()))?;
     BpfProgram::try_from(filter)
@@ -309,16 +340,47 @@ pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
         .map_err(|e| build(e.to_string()))
 }
 
-/// Installs the filter of `kind` in `mode` on the calling thread (and the
+/// The second filter of `kind`: EACCES for its [`REFUSED`] syscalls (the
+/// kernel takes the strictest answer of all filters, so this wins over the
+/// allowlist's "allow" for them and loses to its "kill" for the rest).
+pub fn refusal_program(kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompError> {
+    if refused(kind).is_empty() {
+        return Ok(None);
+    }
+    let build = |message: String| SeccompError::Build {
+        kind: kind.name(),
+        message,
+    };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        refused(kind).iter().map(|s| (s.1, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        target_arch()?,
+    )
+    .map_err(|e| build(e.to_string()))?;
+    BpfProgram::try_from(filter)
+        .map(Some)
+        .map_err(|e| build(e.to_string()))
+}
+
+/// Installs the filters of `kind` in `mode` on the calling thread (and the
 /// threads it creates from now on).
 pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     let Some(prog) = program(kind, mode)? else {
         return Ok(());
     };
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install {
-        kind: kind.name(),
-        message: e.to_string(),
-    })?;
+    let apply = |p: &BpfProgram| {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install {
+            kind: kind.name(),
+            message: e.to_string(),
+        })
+    };
+    if let Some(refusal) = refusal_program(kind)? {
+        apply(&refusal)?;
+    }
+    apply(&prog)?;
     log::debug!(
         "seccomp {:?}: {} filter installed ({} syscalls)",
         mode,
@@ -347,6 +409,14 @@ pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
     match MODE.get() {
         Some(mode) => install(kind, *mode),
         None => Ok(()),
+    }
+}
+
+/// The start of a queue thread: narrows the inherited listener filter to
+/// the workers' list. A failure leaves the (wider) listener filter on.
+pub fn enter_worker() {
+    if let Err(e) = enter(ThreadKind::Worker) {
+        log::error!("{e}");
     }
 }
 
