@@ -37,7 +37,10 @@ pub fn generate(dir: &Path) -> Result<Vec<PathBuf>, AssetError> {
     cmd.build();
     let mut written = Vec::new();
     let mut pages = vec![("vublk".to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("vublk-{}", sub.get_name());
         // A one-shot generator: leaking the few page names is fine.
         let page_name: &'static str = Box::leak(name.clone().into_boxed_str());
