@@ -28,7 +28,8 @@ fn control_socket_stat_top_and_metrics_report_the_same_io() {
             &metrics,
         ],
     ));
-    wait_for_path(&mut p, &sock);
+    // The control socket is bound after the vhost-user one.
+    wait_for_path(&mut p, &ctl);
     let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "control socket mode");
 
@@ -161,7 +162,7 @@ fn a_live_control_socket_is_not_taken_over() {
     let a = join(&dir, "a.sock");
     let b = join(&dir, "b.sock");
     let mut first = Proc::spawn(daemon_cmd(&a, &["--control", path_str(&ctl)]));
-    wait_for_path(&mut first, &a);
+    wait_for_path(&mut first, &ctl);
     let out = std::process::Command::new(VUBLK)
         .arg("--socket")
         .arg(&b)

@@ -106,7 +106,7 @@ fn every_daemon_thread_runs_filtered_by_default() {
         path_str(&ctl),
     ]);
     let mut p = Proc::spawn(cmd);
-    wait_for_path(&mut p, &sock);
+    wait_for_path(&mut p, &ctl);
     let mut c = Client::connect_retry(&sock, 2);
     fill_pattern(c.buf(0, 65536), 9, 0);
     assert_eq!(c.write(0, 0, 0, 65536), 0);
