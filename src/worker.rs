@@ -110,6 +110,20 @@ impl CallFd {
     }
 }
 
+/// Loop state that lives across passes.
+struct Pace {
+    last_work: Instant,
+    was_stopping: bool,
+    idle_passes: u32,
+}
+
+/// What the loop does after a pass.
+enum Next {
+    Again,
+    Sleep,
+    Exit,
+}
+
 /// What a queue thread needs from the control plane to start.
 pub struct QueueSetup {
     pub index: u16,
@@ -302,6 +316,10 @@ struct Worker {
     kick: File,
     call: Arc<CallFd>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// The memory table last loaded from `mem`; replaced only when the
+    /// frontend changes it, so an idle pass does not touch the shared
+    /// reference count.
+    mem_cache: Option<Arc<GuestMemoryMmap>>,
     ctx: Arc<DiskContext>,
     stop: EventFd,
     limits: Limits,
@@ -359,6 +377,7 @@ impl Worker {
             queue: setup.queue,
             kick: setup.kick,
             call: setup.call,
+            mem_cache: None,
             mem: setup.mem,
             limits: Limits {
                 size: geometry.size,
@@ -426,70 +445,96 @@ impl Worker {
         };
         self.arm_kick()?;
         self.resubmit_recovered();
-        let poll = self.ctx.poll;
-        let mut last_work = Instant::now();
-        let mut was_stopping = false;
-        let mut idle_passes = 0u32;
+        let mut pace = Pace {
+            last_work: Instant::now(),
+            was_stopping: false,
+            idle_passes: 0,
+        };
         loop {
             // Reading the clock costs as much as the rest of an idle pass:
             // while spinning with nothing to do, read it every few passes
             // only; requests and completions read it before they use it.
-            if idle_passes % CLOCK_EVERY == 0 || !self.timers.is_empty() {
+            if pace.idle_passes % CLOCK_EVERY == 0 || !self.timers.is_empty() {
                 self.now = Instant::now();
                 self.now_stale = false;
             } else {
                 self.now_stale = true;
             }
-            let mem = self.mem.memory().into_inner();
-            let mut progress = self.fire_timers(&mem);
-            if !self.stopping {
-                progress |= self.pop_requests(&mem);
-            }
-            self.ring.submit()?;
-            progress |= self.reap(&mem)?;
-            if self.stopping && !was_stopping {
-                was_stopping = true;
-                self.abandon_waiting(&mem);
-            }
-            self.signal_guest(&mem);
-            if self.stopping && self.inflight() == 0 {
-                break;
-            }
-            if progress {
-                idle_passes = 0;
-                last_work = self.now;
-                if self.notify_enabled {
-                    // Busy: the guest need not kick while we poll.
-                    let _ = self.queue.disable_notification(&*mem);
-                    self.notify_enabled = false;
-                }
-                continue;
-            }
-            if !self.stopping && self.now.duration_since(last_work) < poll {
-                idle_passes = idle_passes.wrapping_add(1);
-                std::hint::spin_loop();
-                continue;
-            }
-            if !self.stopping && !self.notify_enabled {
-                self.notify_enabled = true;
-                // Re-check after enabling: a request added before the guest
-                // saw notifications on would otherwise wait for the next kick.
-                match self.queue.enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(e) => self
-                        .bad_requests
-                        .log(self.index, || format!("cannot enable notifications: {e}")),
+            let mem = self.take_memory();
+            let next = self.pass(&mem, &mut pace);
+            self.mem_cache = Some(mem);
+            match next? {
+                Next::Again => continue,
+                Next::Exit => break,
+                Next::Sleep => {
+                    // Until a completion, a kick, a stop or the next timer.
+                    let timeout = self
+                        .timers
+                        .peek()
+                        .map(|Reverse((t, _))| t.saturating_duration_since(Instant::now()));
+                    self.ring.submit_and_wait(timeout)?;
                 }
             }
-            // Sleep until a completion, a kick, a stop or the next timer.
-            let timeout = self
-                .timers
-                .peek()
-                .map(|Reverse((t, _))| t.saturating_duration_since(Instant::now()));
-            self.ring.submit_and_wait(timeout)?;
         }
         self.cancel_kick()
+    }
+
+    /// One pass of the loop: timers, new requests, submission, completions,
+    /// guest signal; then decides whether to poll again or sleep.
+    fn pass(&mut self, mem: &Arc<GuestMemoryMmap>, pace: &mut Pace) -> io::Result<Next> {
+        let mut progress = self.fire_timers(mem);
+        if !self.stopping {
+            progress |= self.pop_requests(mem);
+        }
+        self.ring.submit()?;
+        progress |= self.reap(mem)?;
+        if self.stopping && !pace.was_stopping {
+            pace.was_stopping = true;
+            self.abandon_waiting(mem);
+        }
+        self.signal_guest(mem);
+        if self.stopping && self.inflight() == 0 {
+            return Ok(Next::Exit);
+        }
+        if progress {
+            pace.idle_passes = 0;
+            pace.last_work = self.now;
+            if self.notify_enabled {
+                // Busy: the guest need not kick while we poll.
+                let _ = self.queue.disable_notification(&**mem);
+                self.notify_enabled = false;
+            }
+            return Ok(Next::Again);
+        }
+        if !self.stopping && self.now.duration_since(pace.last_work) < self.ctx.poll {
+            pace.idle_passes = pace.idle_passes.wrapping_add(1);
+            std::hint::spin_loop();
+            return Ok(Next::Again);
+        }
+        if !self.stopping && !self.notify_enabled {
+            self.notify_enabled = true;
+            // Re-check after enabling: a request added before the guest saw
+            // notifications on would otherwise wait for the next kick.
+            match self.queue.enable_notification(&**mem) {
+                Ok(true) => return Ok(Next::Again),
+                Ok(false) => {}
+                Err(e) => self
+                    .bad_requests
+                    .log(self.index, || format!("cannot enable notifications: {e}")),
+            }
+        }
+        Ok(Next::Sleep)
+    }
+
+    /// The current memory table, moved out of the cache for one pass (put
+    /// back after it): no shared reference count is touched unless the
+    /// frontend changed the table.
+    fn take_memory(&mut self) -> Arc<GuestMemoryMmap> {
+        let guard = self.mem.memory();
+        match self.mem_cache.take() {
+            Some(m) if std::ptr::eq(&*guard, &*m) => m,
+            _ => guard.into_inner(),
+        }
     }
 
     /// Starts the throttled and retrying requests whose time has come.
