@@ -147,7 +147,13 @@ fn root_is_dropped_after_start_up_and_io_uring_still_works() {
     // --socket-mode/--socket-group, not because of the directory.
     let sock = join(&dir, "vhost.sock");
     let img = join(&dir, "d.img");
+    let ctl = join(&dir, "vublk.ctl");
+    let notify = std::os::unix::net::UnixDatagram::bind(join(&dir, "notify")).unwrap();
     let mut cmd = Command::new(VUBLK);
+    // Every confined thread runs while root is dropped (glibc makes each
+    // thread switch ids itself: their filters must not see that).
+    cmd.env("NOTIFY_SOCKET", join(&dir, "notify"))
+        .env("WATCHDOG_USEC", "200000");
     cmd.arg("--socket").arg(&sock).args([
         "--disk",
         path_str(&img),
@@ -155,6 +161,10 @@ fn root_is_dropped_after_start_up_and_io_uring_still_works() {
         "16M",
         "--poll-us",
         "0",
+        "--control",
+        path_str(&ctl),
+        "--metrics",
+        &format!("127.0.0.1:{}", free_port()),
         "--socket-mode",
         "0660",
         "--socket-group",
@@ -192,6 +202,9 @@ fn root_is_dropped_after_start_up_and_io_uring_still_works() {
     let (a, b) = (c.buf(0, 65536).to_vec(), c.buf(65536, 65536).to_vec());
     assert!(a == b);
     drop(c);
+    // Root's control socket still answers (the daemon bound it as root).
+    assert_eq!(control(&ctl, "version")["pid"], p.pid());
+    drop(notify);
     assert!(p.terminate().success());
 }
 

@@ -77,17 +77,27 @@ pub fn start(
     // Unconfined helper that runs alarm commands (seccomp is per thread and
     // inherited by children, so /bin/sh must not start from a filtered one).
     seccomp::start_spawner();
-    if let Some(path) = &config.ops.control {
-        control::ControlServer::bind(path)?.spawn(Arc::clone(&state))?;
+    // Bind as root; start the (confined) threads only after dropping root:
+    // glibc makes every thread run set*id, which their filters refuse.
+    let control = match &config.ops.control {
+        Some(path) => Some(control::ControlServer::bind(path)?),
+        None => None,
+    };
+    let metrics = match &config.ops.metrics {
+        Some(addr) => Some(metrics::MetricsServer::bind(addr)?),
+        None => None,
+    };
+    if let Some(id) = &identity {
+        id.drop_privileges()?;
     }
-    if let Some(addr) = &config.ops.metrics {
-        metrics::MetricsServer::bind(addr)?.spawn(Arc::clone(&state))?;
+    if let Some(c) = control {
+        c.spawn(Arc::clone(&state))?;
+    }
+    if let Some(m) = metrics {
+        m.spawn(Arc::clone(&state))?;
     }
     if let Some(n) = &notifier {
         notify::spawn_status(Arc::clone(n), Arc::clone(&state))?;
-    }
-    if let Some(id) = &identity {
-        id.drop_privileges()?;
     }
 
     let observer_state = Arc::clone(&state);

@@ -394,12 +394,6 @@ static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
 /// Sets the mode for [`enter`] (once, at start-up).
 pub fn configure(mode: SeccompMode) {
-    // TEMPORARY while the lists are measured: never kill.
-    let mode = if mode == SeccompMode::Kill {
-        SeccompMode::Log
-    } else {
-        mode
-    };
     let _ = MODE.set(mode);
 }
 
