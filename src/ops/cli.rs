@@ -321,7 +321,8 @@ pub fn render_stat(r: &Report) -> String {
         s += &line(q.queue.to_string(), q, true);
     }
     if r.queues.len() > 1 {
-        s += &line("total".into(), &sum(&r.queues), false);
+        s += line("total".into(), &sum(&r.queues), false).trim_end();
+        s += "\n";
     }
     s
 }
