@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Sub-buckets per power of two: percentiles within ~9%.
 const SUB: usize = 8;
@@ -131,8 +131,9 @@ pub struct QueueStats {
     pub latency: Histogram,
 }
 
-/// A point-in-time copy of one queue's counters.
-#[derive(Clone, Debug, Default, Serialize)]
+/// A point-in-time copy of one queue's counters (also what the control
+/// socket sends and `vublk stat` reads back).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
     pub queue: u16,
     pub reads: u64,
@@ -146,8 +147,10 @@ pub struct QueueSnapshot {
     pub errors: u64,
     pub retries: u64,
     pub throttled_ns: u64,
+    /// Requests taken from the ring and not yet completed (queue depth).
     pub inflight: u64,
     pub latency_count: u64,
+    pub latency_sum_ns: u64,
     pub latency_mean_ns: u64,
     pub latency_p50_ns: u64,
     pub latency_p99_ns: u64,
@@ -174,6 +177,7 @@ impl QueueStats {
             throttled_ns: self.throttled_ns.load(Relaxed),
             inflight: self.inflight.load(Relaxed),
             latency_count: h.count,
+            latency_sum_ns: h.sum_ns,
             latency_mean_ns: h.mean_ns(),
             latency_p50_ns: h.percentile_ns(0.5),
             latency_p99_ns: h.percentile_ns(0.99),

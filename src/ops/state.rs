@@ -61,28 +61,23 @@ pub struct DiskInfo {
 /// for it, the interval since its previous request.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueReport {
-    pub queue: u16,
-    pub reads: u64,
-    pub writes: u64,
-    pub flushes: u64,
-    pub discards: u64,
-    pub write_zeroes: u64,
-    pub other: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub errors: u64,
-    pub retries: u64,
-    pub throttled_ns: u64,
-    /// Requests submitted and not yet completed (the queue depth).
-    pub inflight: u64,
-    pub latency_count: u64,
-    pub latency_sum_ns: u64,
-    pub latency_mean_ns: u64,
-    pub latency_p50_ns: u64,
-    pub latency_p99_ns: u64,
-    pub latency_p999_ns: u64,
+    #[serde(flatten)]
+    pub counters: QueueSnapshot,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<Interval>,
+}
+
+impl std::ops::Deref for QueueReport {
+    type Target = QueueSnapshot;
+    fn deref(&self) -> &QueueSnapshot {
+        &self.counters
+    }
+}
+
+impl std::ops::DerefMut for QueueReport {
+    fn deref_mut(&mut self) -> &mut QueueSnapshot {
+        &mut self.counters
+    }
 }
 
 /// Rates over the interval since the client's previous `stats` request.
@@ -128,25 +123,7 @@ impl QueueReport {
             }
         });
         QueueReport {
-            queue: q.queue,
-            reads: q.reads,
-            writes: q.writes,
-            flushes: q.flushes,
-            discards: q.discards,
-            write_zeroes: q.write_zeroes,
-            other: q.other,
-            bytes_read: q.bytes_read,
-            bytes_written: q.bytes_written,
-            errors: q.errors,
-            retries: q.retries,
-            throttled_ns: q.throttled_ns,
-            inflight: q.inflight,
-            latency_count: q.latency_count,
-            latency_sum_ns: q.histogram.sum_ns,
-            latency_mean_ns: q.latency_mean_ns,
-            latency_p50_ns: q.latency_p50_ns,
-            latency_p99_ns: q.latency_p99_ns,
-            latency_p999_ns: q.latency_p999_ns,
+            counters: q.clone(),
             interval,
         }
     }
