@@ -410,7 +410,11 @@ impl Worker {
             zeroes,
             stopping: false,
             used_added: false,
-            notify_enabled: true,
+            // What the ring says about notifications was written by whoever
+            // ran the queue before (a daemon that was restarted while busy
+            // leaves them suppressed): treat them as off, so the first idle
+            // pass turns them on and re-checks the ring.
+            notify_enabled: false,
             bad_requests: RateLimit {
                 last: None,
                 suppressed: 0,
@@ -605,6 +609,20 @@ impl Worker {
     /// it fetched them, before anything new is read from the avail ring.
     fn resubmit_recovered(&mut self) {
         let heads = std::mem::take(&mut self.resubmit);
+        // A completion signal may have been lost with a previous daemon:
+        // one spurious interrupt is harmless, a lost one hangs the guest.
+        self.call.signal();
+        if log::log_enabled!(log::Level::Debug) {
+            let mem = self.mem.memory();
+            log::debug!(
+                "queue {}: start at avail {} (guest avail {:?}, used {:?}), {} to resubmit",
+                self.index,
+                self.queue.next_avail(),
+                self.queue.avail_idx(&*mem, Ordering::Acquire).map(|w| w.0),
+                self.queue.used_idx(&*mem, Ordering::Acquire).map(|w| w.0),
+                heads.len()
+            );
+        }
         if heads.is_empty() {
             return;
         }
@@ -620,8 +638,6 @@ impl Worker {
             }
             self.take(head, &mem);
         }
-        // A completion signal may have been lost with the old daemon.
-        self.call.signal();
     }
 
     /// Parses and starts the chain at `head`, tracking it as in flight.
