@@ -80,9 +80,14 @@ enum DiskKind {
 
 #[derive(Clone, Debug)]
 enum Impl {
-    Vublk(PathBuf),
+    /// A vublk binary and arguments of its own.
+    Vublk(PathBuf, Vec<String>),
     Qsd,
 }
+
+/// QoS limits far above anything this machine can do: every request goes
+/// through the limiter but none waits, which shows what the limiter costs.
+const QOS_UNREACHED: [&str; 4] = ["--qos-iops", "1000000000", "--qos-bps", "100T"];
 
 #[derive(Clone, Debug)]
 struct Backend {
@@ -125,7 +130,10 @@ usage: cargo bench --bench iops -- [options]
   --only vublk,qsd   backends to run (names, see --extra)
   --vublk BIN        vublk binary (default: the one built for this bench)
   --vublk-arg ARG    extra argument for every vublk daemon (repeatable)
-  --extra NAME=BIN   one more vublk build to compare (repeatable)";
+  --extra NAME=BIN   one more vublk build to compare (repeatable)
+  --qos-overhead     also run `vublk-qos`: vublk with QoS limits far above the
+                     load, beside plain vublk (no limit), to show what an active
+                     limiter costs";
 
 fn list<T>(v: &str, f: impl Fn(&str) -> Option<T>) -> Res<Vec<T>> {
     v.split(',')
@@ -150,6 +158,7 @@ fn parse_opts() -> Res<Opts> {
     };
     let mut vublk = PathBuf::from(env!("CARGO_BIN_EXE_vublk"));
     let mut extra = Vec::new();
+    let mut qos_overhead = false;
     let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -203,21 +212,28 @@ fn parse_opts() -> Res<Opts> {
             "--only" => only = Some(val()?.split(',').map(str::to_owned).collect()),
             "--vublk" => vublk = PathBuf::from(val()?),
             "--vublk-arg" => o.vublk_args.push(val()?),
+            "--qos-overhead" => qos_overhead = true,
             "--extra" => {
                 let v = val()?;
                 let (name, bin) = v.split_once('=').ok_or("--extra takes NAME=BIN")?;
                 extra.push(Backend {
                     name: name.to_owned(),
-                    imp: Impl::Vublk(PathBuf::from(bin)),
+                    imp: Impl::Vublk(PathBuf::from(bin), Vec::new()),
                 });
             }
             // Anything else (a filter cargo passes along) is ignored.
             _ => {}
         }
     }
+    if qos_overhead {
+        o.backends.push(Backend {
+            name: "vublk-qos".into(),
+            imp: Impl::Vublk(vublk.clone(), QOS_UNREACHED.map(String::from).to_vec()),
+        });
+    }
     o.backends.push(Backend {
         name: "vublk".into(),
-        imp: Impl::Vublk(vublk),
+        imp: Impl::Vublk(vublk, Vec::new()),
     });
     o.backends.extend(extra);
     o.backends.push(Backend {
@@ -249,7 +265,7 @@ impl Daemon {
     fn start(b: &Backend, disk: &DiskSpec, socket: &Path, queues: usize, o: &Opts) -> Res<Daemon> {
         let _ = std::fs::remove_file(socket);
         let mut cmd = match &b.imp {
-            Impl::Vublk(bin) => {
+            Impl::Vublk(bin, own_args) => {
                 let mut c = Command::new(bin);
                 c.arg("--socket")
                     .arg(socket)
@@ -259,7 +275,7 @@ impl Daemon {
                     DiskSpec::Null => c.arg("--disk").arg(format!("null:{NULL_SIZE}")),
                     DiskSpec::File(p) => c.arg("--disk").arg(p).arg("--cache").arg("none"),
                 };
-                c.args(&o.vublk_args);
+                c.args(&o.vublk_args).args(own_args);
                 c.env("RUST_LOG", "warn");
                 c
             }
@@ -881,8 +897,9 @@ fn run(o: &Opts, stop: &AtomicBool) -> Res<()> {
         o.secs, o.warmup, o.reps
     );
     for b in &o.backends {
-        if let Impl::Vublk(p) = &b.imp {
-            println!("  {}: {} {}", b.name, p.display(), o.vublk_args.join(" "));
+        if let Impl::Vublk(p, own) = &b.imp {
+            let args = [o.vublk_args.as_slice(), own.as_slice()].concat();
+            println!("  {}: {} {}", b.name, p.display(), args.join(" "));
         }
     }
     println!(
