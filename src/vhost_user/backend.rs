@@ -29,6 +29,7 @@ use vm_memory::{
 };
 
 use super::inflight::{InflightError, InflightRegion};
+use crate::tier::release::drop_shared_view;
 use crate::virtio::{self, blk_config};
 use crate::worker::{CallFd, DiskContext, QueueSetup, WorkerHandle};
 
@@ -67,6 +68,25 @@ impl From<BackendError> for VuError {
     }
 }
 
+/// Maps one guest RAM region the frontend sent (SET_MEM_TABLE or
+/// ADD_MEM_REGION) and records where it sits in the frontend's address space.
+fn map_region(
+    region: &VhostUserMemoryRegion,
+    file: File,
+) -> Result<(GuestRegionMmap, Mapping), BackendError> {
+    let mmap = region
+        .mmap_region(file)
+        .map_err(|e| BackendError::Mmap(e.to_string()))?;
+    let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
+        .ok_or_else(|| BackendError::Mmap("region wraps the address space".into()))?;
+    let mapping = Mapping {
+        vmm_addr: region.user_addr,
+        size: region.memory_size,
+        gpa: region.guest_phys_addr,
+    };
+    Ok((guest_region, mapping))
+}
+
 /// Drops our page-table entries for all of guest RAM (vublk-tier asks
 /// before it pages memory out: the kernel skips pages that a second process
 /// maps). The mapping is shared, so the data stays in the frontend's memory
@@ -77,13 +97,9 @@ pub fn release_guest_memory(mem: &GuestMemoryAtomic<GuestMemoryMmap>) -> io::Res
     let mut total = 0u64;
     for region in mem.iter() {
         let len = region.len() as usize;
-        // SAFETY: the region is a live mapping of `len` bytes that `mem`
-        // keeps mapped; MADV_DONTNEED on a shared mapping only drops our
-        // page-table entries, never the data.
-        let r = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_DONTNEED) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: the region is a live MAP_SHARED mapping of the frontend's
+        // memory file, `len` bytes long, kept mapped by `mem`.
+        unsafe { drop_shared_view(region.as_ptr(), len)? };
         total += len as u64;
     }
     Ok(total)
@@ -167,11 +183,6 @@ impl BlkBackend {
     /// The guest memory as the queues see it, for the tier handshake.
     pub fn memory(&self) -> GuestMemoryAtomic<GuestMemoryMmap> {
         self.mem.clone()
-    }
-
-    /// Number of queue threads running now.
-    pub fn running_queues(&self) -> usize {
-        self.vrings.iter().filter(|v| v.worker.is_some()).count()
     }
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring, BackendError> {
@@ -334,16 +345,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
-            let mmap = region
-                .mmap_region(file)
-                .map_err(|e| BackendError::Mmap(e.to_string()))?;
-            let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
-                .ok_or_else(|| BackendError::Mmap("region wraps the address space".into()))?;
-            mappings.push(Mapping {
-                vmm_addr: region.user_addr,
-                size: region.memory_size,
-                gpa: region.guest_phys_addr,
-            });
+            let (guest_region, mapping) = map_region(region, file)?;
+            mappings.push(mapping);
             regions.push(guest_region);
         }
         let mem = GuestMemoryMmap::from_regions(regions)
@@ -549,11 +552,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         if self.mappings.len() as u64 >= MAX_MEM_SLOTS {
             return Err(BackendError::Mmap("too many memory regions".into()).into());
         }
-        let mmap = region
-            .mmap_region(fd)
-            .map_err(|e| BackendError::Mmap(e.to_string()))?;
-        let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
-            .ok_or_else(|| BackendError::Mmap("region wraps the address space".into()))?;
+        let (guest_region, mapping) = map_region(region, fd)?;
         let mem = self
             .mem
             .memory()
@@ -562,11 +561,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         self.replace_memory(mem)?;
         let (gpa, size, vmm) = (region.guest_phys_addr, region.memory_size, region.user_addr);
         log::debug!("add memory region gpa {gpa:#x} size {size:#x} vmm {vmm:#x}");
-        self.mappings.push(Mapping {
-            vmm_addr: region.user_addr,
-            size: region.memory_size,
-            gpa: region.guest_phys_addr,
-        });
+        self.mappings.push(mapping);
         Ok(None)
     }
 

@@ -142,7 +142,8 @@ pub struct Request {
     /// device-readable data for writes; empty otherwise.
     pub iovecs: Vec<libc::iovec>,
     status: Option<StatusByte>,
-    mem: Arc<GuestMemoryMmap>,
+    /// Keeps the mapping the pointers above point into alive.
+    _mem: Arc<GuestMemoryMmap>,
 }
 
 impl Request {
@@ -152,7 +153,7 @@ impl Request {
         match &self.status {
             Some(StatusByte(p)) => {
                 // SAFETY: `p` was produced by translating a guest address
-                // through `self.mem` with a length of 1, and `self.mem` keeps
+                // through `self._mem` with a length of 1, and `self._mem` keeps
                 // that mapping alive. Guest memory may change under us at any
                 // time, hence the volatile write.
                 unsafe { std::ptr::write_volatile(*p, status as u8) };
@@ -167,7 +168,7 @@ impl Request {
     pub fn copy_to_guest(&self, offset: usize, data: &[u8]) -> usize {
         self.copy(offset, data.len(), |guest, at, n| {
             // SAFETY: `guest` points at `n` bytes of one iovec, which lies in
-            // guest memory kept mapped by `self.mem`; `at + n <= data.len()`.
+            // guest memory kept mapped by `self._mem`; `at + n <= data.len()`.
             unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), guest, n) }
         })
     }
@@ -208,13 +209,9 @@ impl Request {
     pub fn zero_data(&self) {
         for iov in &self.iovecs {
             // SAFETY: as in `copy_to_guest`: the iovec lies inside mapped guest
-            // memory held alive by `self.mem`.
+            // memory held alive by `self._mem`.
             unsafe { std::ptr::write_bytes(iov.iov_base as *mut u8, 0, iov.iov_len) };
         }
-    }
-
-    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
-        &self.mem
     }
 }
 
@@ -240,7 +237,7 @@ impl Parser {
             op: Err(RequestError::NoStatus),
             iovecs,
             status: None,
-            mem: Arc::clone(mem),
+            _mem: Arc::clone(mem),
         };
         req.iovecs.clear();
         self.segs.clear();
